@@ -1,0 +1,1 @@
+"""Shared library for any-order ARMs and marginalization models."""

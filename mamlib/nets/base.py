@@ -1,0 +1,38 @@
+"""The interface every backbone implements.
+
+``forward(x, observed_mask, need_logits=True, need_marginal=False)`` returns
+``(log_marginal, logits)``:
+  * ``log_marginal``: (B,) float, the marginal network's output f(x_S) (unnormalised log p(x_S)),
+    or None when not requested / the backbone has no marginal head;
+  * ``logits``: (B, D, K) float, the conditional logits log p(x_j | x_S) up to normalisation at
+    every position j, or None when not requested.
+``x`` is (B, D) long in 0..K-1; ``observed_mask`` is (B, D) bool. Values at unobserved positions
+must not influence any output.
+
+``marginal_prefixes`` lists the state-dict key prefixes that belong to the marginal head only;
+stage 2 loads a stage-1 checkpoint and expects exactly these keys to be missing.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class Backbone(nn.Module):
+    num_classes: int
+    num_positions: int
+    marginal_prefixes: tuple[str, ...] = ()
+
+    @property
+    def has_marginal(self) -> bool:
+        return bool(self.marginal_prefixes)
+
+    def input_tokens(self, x: torch.Tensor, observed_mask: torch.Tensor) -> torch.Tensor:
+        """Tokens with the missing symbol (index K) at unobserved positions."""
+        return torch.where(observed_mask, x, torch.full_like(x, self.num_classes))
+
+    def marginal_parameter_names(self) -> list[str]:
+        return [n for n, _ in self.named_parameters() if n.startswith(self.marginal_prefixes)]
+
+    def conditional_parameter_names(self) -> list[str]:
+        return [n for n, _ in self.named_parameters() if not n.startswith(self.marginal_prefixes)]
