@@ -1,0 +1,13 @@
+"""Stage 1 (any-order ARM) on the image config: python image_main.py [mode=train|eval|generate|score] [preset=tiny|cpu] [key=value ...]"""
+import hydra
+
+from mamlib.stages.ao_arm import run
+
+
+@hydra.main(config_path="../configs", config_name="ao_arm_image", version_base="1.3")
+def main(cfg):
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,14 @@
+"""Stage 2 (marginal network, maximum likelihood) on the mol config:
+python mol_main.py load_pretrain=True loadpath_pretrain=<stage-1 checkpoint> [mode=train|eval|generate|score] [preset=tiny|cpu]"""
+import hydra
+
+from mamlib.stages.mam_mle import run
+
+
+@hydra.main(config_path="../configs", config_name="mam_mol", version_base="1.3")
+def main(cfg):
+    run(cfg)
+
+
+if __name__ == "__main__":
+    main()

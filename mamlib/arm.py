@@ -1,0 +1,148 @@
+"""Any-order autoregressive algorithms on top of any backbone's conditional logits.
+
+All functions take ``net`` (a :class:`mamlib.nets.base.Backbone`) and assignments in the library's
+value convention (LongTensor (B, D) in 0..K-1 plus a bool ``observed_mask``).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .orders import index_at, observed_before, order_observed_first, random_order
+
+
+def conditional_log_probs(net, x, observed_mask) -> torch.Tensor:
+    """(B, D, K) normalised log p(x_j = k | x_S) for every position j."""
+    _, logits = net(x, observed_mask, need_logits=True, need_marginal=False)
+    return F.log_softmax(logits.float(), dim=-1)
+
+
+def value_log_probs(log_probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(B, D) log-probability of the value x_j at every position j."""
+    return log_probs.gather(-1, x.unsqueeze(-1)).squeeze(-1)
+
+
+def aoarm_loss(net, x, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The any-order training objective (original §6.1).
+
+    Order sigma and step t ~ U{0..D-1} per example; the loss is the mean over all unobserved positions of
+    -log p(x_j | x_sigma(<t)). Its expectation is -ELBO/D, so the returned per-example values are an unbiased
+    estimate of the negative order-averaged log-likelihood per dimension (nats).
+    Returns (scalar loss, per-example nats/dim).
+    """
+    batch, dim = x.shape
+    rank = random_order(batch, dim, device=x.device, generator=generator)
+    step = torch.randint(0, dim, (batch,), device=x.device, generator=generator)
+    observed = observed_before(rank, step)
+    log_p = value_log_probs(conditional_log_probs(net, x, observed), x)
+    unobserved = (~observed).float()
+    per_example = -(log_p * unobserved).sum(1) / unobserved.sum(1)
+    return per_example.mean(), per_example.detach()
+
+
+def chain_rule_log_prob(net, x, observed_mask=None, order=None, steps_per_pass: int = 1) -> torch.Tensor:
+    """Exact log p(x_S) along one order: sum over the observed positions of their conditionals.
+
+    ``observed_mask`` (default: all) selects the positions whose joint probability is computed; the order
+    visits them first (a random order among them unless ``order`` is given, which must already put them first).
+    ``steps_per_pass`` chain steps are evaluated in one network pass (batch grows by that factor).
+    Returns float64 (B,) natural-log probabilities.
+    """
+    batch, dim = x.shape
+    if observed_mask is None:
+        observed_mask = torch.ones_like(x, dtype=torch.bool)
+    if order is None:
+        order = order_observed_first(observed_mask)
+    counts = observed_mask.sum(1)
+    total = torch.zeros(batch, dtype=torch.float64, device=x.device)
+    num_steps = int(counts.max().item()) if batch else 0
+    for start in range(0, num_steps, steps_per_pass):
+        steps = torch.arange(start, min(start + steps_per_pass, num_steps), device=x.device)
+        chunk = len(steps)
+        step_per_row = steps.repeat_interleave(batch)  # (chunk*B,)
+        rank_rep = order.repeat(chunk, 1)
+        x_rep = x.repeat(chunk, 1)
+        log_probs = conditional_log_probs(net, x_rep, observed_before(rank_rep, step_per_row))
+        position = index_at(rank_rep, step_per_row)
+        rows = torch.arange(len(position), device=x.device)
+        picked = log_probs[rows, position, x_rep[rows, position]]
+        valid = step_per_row < counts.repeat(chunk)
+        total += (picked.double() * valid).view(chunk, batch).sum(0)
+    return total
+
+
+def ensemble_log_prob(net, x, num_orders: int = 5, observed_mask=None, steps_per_pass: int = 1) -> torch.Tensor:
+    """log (1/M) sum_m p_sigma_m(x_S): the paper's AO-ARM-E (M=5) / AO-ARM-S (M=1). float64 (B,)."""
+    per_order = torch.stack([chain_rule_log_prob(net, x, observed_mask, steps_per_pass=steps_per_pass) for _ in range(num_orders)])
+    return torch.logsumexp(per_order, dim=0) - math.log(num_orders)
+
+
+def _one_step_setup(net, x, order, generator):
+    batch, dim = x.shape
+    rank = random_order(batch, dim, device=x.device, generator=generator) if order is None else order
+    step = torch.randint(0, dim, (batch,), device=x.device, generator=generator)
+    observed = observed_before(rank, step)
+    return rank, step, observed, conditional_log_probs(net, x, observed)
+
+
+def one_step_log_prob(net, x, order=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Unbiased one-pass estimate of log p_sigma(x): D * log p(x_sigma(t) | x_sigma(<t)), t ~ U{0..D-1}.
+
+    With ``order=None`` sigma is drawn per row, so the estimate is of E_sigma log p_sigma(x). float64 (B,).
+    """
+    rank, step, _, log_probs = _one_step_setup(net, x, order, generator)
+    position = index_at(rank, step)
+    rows = torch.arange(x.shape[0], device=x.device)
+    return x.shape[1] * log_probs[rows, position, x[rows, position]].double()
+
+
+def one_step_mean_log_prob(net, x, order=None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Mean over all unobserved positions of log p(x_j | x_sigma(<t)): a one-pass estimate of log p(x)/D (float32, with grad)."""
+    _, _, observed, log_probs = _one_step_setup(net, x, order, generator)
+    unobserved = (~observed).float()
+    return (value_log_probs(log_probs, x) * unobserved).sum(1) / unobserved.sum(1)
+
+
+@torch.no_grad()
+def sample(net, x, observed_mask, order=None, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Fill every unobserved position by ancestral sampling along ``order``; observed values never change.
+
+    ``order`` must generate the observed positions first (default: a random such order).
+    """
+    batch, dim = x.shape
+    if order is None:
+        order = order_observed_first(observed_mask, generator=generator)
+    x = torch.where(observed_mask, x, torch.zeros_like(x))
+    known = observed_mask.clone()
+    rows = torch.arange(batch, device=x.device)
+    first = int(observed_mask.sum(1).min().item())
+    for step in range(first, dim):
+        position = index_at(order, step)
+        is_new = ~known[rows, position]
+        if not is_new.any():
+            continue
+        logits = net(x, known, need_logits=True, need_marginal=False)[1][rows, position].float()
+        probs = F.softmax(logits / temperature, dim=-1)
+        drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+        x[rows, position] = torch.where(is_new, drawn, x[rows, position])
+        known[rows, position] = True
+    return x
+
+
+@torch.no_grad()
+def sample_unconditional(net, num_samples: int, order=None, temperature: float = 1.0, device=None, generator=None) -> torch.Tensor:
+    dim = net.num_positions
+    x = torch.zeros(num_samples, dim, dtype=torch.long, device=device)
+    return sample(net, x, torch.zeros_like(x, dtype=torch.bool), order=order, temperature=temperature, generator=generator)
+
+
+@torch.no_grad()
+def censor_and_resample(net, x, num_steps: int, order=None, generator=None) -> torch.Tensor:
+    """Erase the last ``num_steps`` positions of ``order`` (random by default) and re-draw them with the conditionals."""
+    batch, dim = x.shape
+    if order is None:
+        order = random_order(batch, dim, device=x.device, generator=generator)
+    keep = order < dim - num_steps
+    return sample(net, x, keep, order=order, generator=generator)

@@ -1,0 +1,50 @@
+"""Residual MLPs on one-hot inputs (energy-based tasks): a conditional MLP and an optional marginal MLP."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .base import Backbone
+
+
+class ResidualMLP(nn.Module):
+    """in -> hidden (LeakyReLU), then (num_layers-1) residual hidden layers, then -> out."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int, num_layers: int, residual: bool = True):
+        super().__init__()
+        self.input = nn.Linear(in_dim, hidden)
+        self.hidden = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(num_layers - 1))
+        self.output = nn.Linear(hidden, out_dim)
+        self.residual = residual
+
+    def forward(self, h):
+        h = F.leaky_relu(self.input(h))
+        for layer in self.hidden:
+            out = F.leaky_relu(layer(h))
+            h = out + h if self.residual else out
+        return self.output(h)
+
+
+class MLPPair(Backbone):
+    """Two independent residual MLPs on the same one-hot input with K+1 classes per position."""
+
+    def __init__(self, num_classes: int, num_positions: int, hidden: int = 2048, num_layers: int = 4, residual: bool = True,
+                 marginal: bool = True):
+        super().__init__()
+        self.num_classes, self.num_positions = num_classes, num_positions
+        in_dim = (num_classes + 1) * num_positions
+        self.conditional_mlp = ResidualMLP(in_dim, hidden, num_classes * num_positions, num_layers, residual)
+        if marginal:
+            self.marginal_mlp = ResidualMLP(in_dim, hidden, 1, num_layers, residual)
+            self.marginal_prefixes = ("marginal_mlp.",)
+
+    def forward(self, x, observed_mask, need_logits: bool = True, need_marginal: bool = False):
+        if not (need_logits or need_marginal):
+            raise ValueError("request at least one of need_logits / need_marginal")
+        if need_marginal and not self.has_marginal:
+            raise ValueError("this MLP was built without a marginal network (marginal=False)")
+        one_hot = F.one_hot(self.input_tokens(x, observed_mask), self.num_classes + 1).flatten(1).float()
+        logits = self.conditional_mlp(one_hot).view(-1, self.num_positions, self.num_classes) if need_logits else None
+        log_marginal = self.marginal_mlp(one_hot).squeeze(-1) if need_marginal else None
+        return log_marginal, logits

@@ -1,0 +1,60 @@
+"""Run logging: wandb (offline by default), a local metrics.jsonl beside it, and Python logging."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+log = logging.getLogger("mamlib")
+
+LOGGER_MODES = ("offline", "online", "disabled")
+
+
+class RunLogger:
+    """Only the main process writes. ``mode``: offline | online | disabled (disabled still writes metrics.jsonl)."""
+
+    def __init__(self, run_dir, cfg=None, mode: str = "offline", project: str = "mam", enabled: bool = True, name: str | None = None):
+        if mode not in LOGGER_MODES:
+            raise ValueError(f"logger.mode={mode!r} is unknown; use one of {LOGGER_MODES}")
+        self.run_dir = Path(run_dir)
+        self.enabled = enabled
+        self.wandb_run = None
+        self.metrics_path = self.run_dir / "metrics.jsonl"
+        if not enabled:
+            return
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        if mode != "disabled":
+            os.environ.setdefault("WANDB_DIR", str(self.run_dir))
+            os.environ.setdefault("WANDB_CACHE_DIR", str(self.run_dir / "wandb" / "cache"))
+            os.environ.setdefault("WANDB_SILENT", "true")
+            import wandb
+
+            config = OmegaConf.to_container(cfg, resolve=True) if cfg is not None else None
+            self.wandb_run = wandb.init(project=project, mode=mode, dir=str(self.run_dir), config=config, name=name, reinit=True)
+
+    def log(self, metrics: dict, step: int) -> None:
+        if not self.enabled:
+            return
+        clean = {k: (float(v) if hasattr(v, "__float__") and not isinstance(v, (str, bool)) else v) for k, v in metrics.items()}
+        record = {"step": int(step), "time": round(time.time(), 3), **clean}
+        with open(self.metrics_path, "a") as handle:
+            handle.write(json.dumps(record, default=_json_default) + "\n")
+        if self.wandb_run is not None:
+            self.wandb_run.log({k: v for k, v in clean.items() if isinstance(v, (int, float)) and math.isfinite(v)}, step=int(step))
+
+    def close(self) -> None:
+        if self.wandb_run is not None:
+            self.wandb_run.finish()
+            self.wandb_run = None
+
+
+def _json_default(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return str(value)

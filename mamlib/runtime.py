@@ -1,0 +1,105 @@
+"""Device, seeding, distributed setup, precision and compilation: the one place that knows about accelerators."""
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+ACCELERATOR = "cuda"  # the only spelling of the accelerator backend in the project
+
+
+def select_device(name: str = "auto", local_rank: int = 0) -> torch.device:
+    """``auto`` picks the accelerator when present, else the CPU; ``cpu`` or ``cuda[:i]`` force one."""
+    if name == "auto":
+        name = ACCELERATOR if torch.cuda.is_available() else "cpu"
+    device = torch.device(name)
+    if device.type == ACCELERATOR:
+        if not torch.cuda.is_available():
+            raise RuntimeError(f"device={name} requested but no {ACCELERATOR} device is available; use device=cpu or device=auto")
+        if device.index is None:
+            device = torch.device(ACCELERATOR, local_rank)
+        torch.cuda.set_device(device)
+    return device
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for queued kernels (for honest timings)."""
+    if device.type == ACCELERATOR:
+        torch.cuda.synchronize(device)
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device_name: str = "auto") -> tuple[DistInfo, torch.device]:
+    """Join the process group when launched by torchrun (gloo on CPU, nccl on GPU); single process otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    info = DistInfo(int(os.environ.get("RANK", "0")), world_size, int(os.environ.get("LOCAL_RANK", "0")))
+    device = select_device(device_name, info.local_rank)
+    if info.enabled and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == ACCELERATOR else "gloo")
+    return info, device
+
+
+def shutdown_distributed() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def seed_everything(seed: int, rank: int = 0) -> None:
+    """Seed python, numpy and torch; each rank gets its own stream."""
+    seed = int(seed) + 1000 * rank
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state[ACCELERATOR] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if ACCELERATOR in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state[ACCELERATOR])
+
+
+def autocast(device: torch.device, enabled: bool):
+    """bf16 autocast when enabled (off on CPU by default); a no-op context otherwise."""
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def maybe_compile(module: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    return torch.compile(module) if enabled else module
+
+
+def default_data_dir() -> str:
+    """``$MAM_DATA_DIR`` or the repository's ``data/`` folder, independent of the working directory."""
+    env = os.environ.get("MAM_DATA_DIR")
+    if env:
+        return env
+    return os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data")

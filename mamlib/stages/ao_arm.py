@@ -1,0 +1,136 @@
+"""Stage 1: any-order autoregressive conditionals p_phi. Modes: train, eval, generate, score."""
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from .. import arm
+from ..experiment import (Experiment, batched, bits, make_optimizer, read_score_input, setup, write_score_output)
+from ..nets import build_backbone
+from ..trainer import Trainer, epoch_batches, num_epoch_batches
+from .common import checkpoint_meta, load_data, net_from_checkpoint, resolve_checkpoint, save_samples
+
+log = logging.getLogger("mamlib")
+KIND = "ao_arm"
+
+
+class AOARMObjective:
+    def __init__(self, net):
+        self.net = net
+
+    def loss(self, batch):
+        loss, nats_per_dim = arm.aoarm_loss(self.net, batch)
+        return loss, {"bpd_bound": nats_per_dim.mean().item() / math.log(2)}
+
+    def on_epoch_start(self, epoch: int) -> None:
+        pass
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+def first_rows(dataset, count) -> torch.Tensor:
+    count = len(dataset) if count is None else min(count, len(dataset))
+    return torch.stack([dataset[i] for i in range(count)])
+
+
+def one_step_bpd(net, rows: torch.Tensor, batch_size: int, device) -> float:
+    """Validation: unbiased one-pass estimate of the order-averaged NLL in bits/dim."""
+    total = 0.0
+    for start in range(0, len(rows), batch_size):
+        total += arm.one_step_log_prob(net, rows[start:start + batch_size].to(device)).sum().item()
+    return -total / (len(rows) * rows.shape[1] * math.log(2))
+
+
+def train(exp: Experiment, dataset) -> None:
+    cfg = exp.cfg
+    net = build_backbone(cfg.arch, dataset.num_classes, dataset.num_positions, dataset.image_shape).to(exp.device)
+    log.info("backbone %s: %.2fM parameters", cfg.arch.name, sum(p.numel() for p in net.parameters()) / 1e6)
+    objective = AOARMObjective(net)
+    val_rows = first_rows(dataset.val, cfg.eval.val_examples)
+
+    trainer = Trainer(
+        train_cfg=cfg.train, model=net, objective=objective, optimizer=make_optimizer(net.parameters(), cfg.train),
+        batches=lambda epoch, start: epoch_batches(dataset.train, cfg.train.batch_size, epoch, cfg.seed, exp.dist, start),
+        batches_per_epoch=num_epoch_batches(dataset.train, cfg.train.batch_size, exp.dist), run_dir=exp.run_dir,
+        device=exp.device, dist_info=exp.dist, logger=exp.logger,
+        checkpoint_meta=checkpoint_meta(KIND, exp, dataset.describe(), cfg.arch, has_marginal=False),
+        evaluate=lambda step: {"bpd_one_step": one_step_bpd(net, val_rows, cfg.eval.batch_size, exp.device)})
+    if cfg.resume:
+        trainer.resume()
+    trainer.fit()
+    if exp.dist.is_main:
+        net.eval()
+        with torch.no_grad():
+            final = one_step_bpd(net, val_rows, cfg.eval.batch_size, exp.device)
+        exp.logger.log({"val/bpd_one_step": final}, trainer.step)
+        log.info("finished at step %d; validation one-step estimate %.4f bits/dim", trainer.step, final)
+
+
+def load_trained(exp: Experiment, dataset):
+    net, payload, _ = net_from_checkpoint(resolve_checkpoint(exp), (KIND,), dataset.describe(), exp.device,
+                                          image_shape=dataset.image_shape)
+    net.eval()
+    return net
+
+
+@torch.no_grad()
+def evaluate(exp: Experiment, dataset) -> dict:
+    """Test NLL: chain rule along ``eval.mc_ll`` random orders, combined by log-mean-exp."""
+    cfg = exp.cfg
+    net = load_trained(exp, dataset)
+    rows = first_rows(dataset.test, cfg.eval.num_examples)
+    full = torch.ones_like(rows, dtype=torch.bool)
+    log_probs = batched(lambda x, m: arm.ensemble_log_prob(net, x, cfg.eval.mc_ll, m, cfg.eval.steps_per_pass),
+                        rows, full, cfg.eval.batch_size, exp.device, desc="test NLL")
+    nats = -log_probs.mean().item() / dataset.num_positions
+    metrics = {"dataset": dataset.name, "num_examples": len(rows), "orders": cfg.eval.mc_ll,
+               "nll_nats_per_dim": nats, "nll_bits_per_dim": bits(nats), "nll_nats_per_example": -log_probs.mean().item()}
+    exp.write_json("metrics.json", metrics)
+    exp.logger.log({f"test/{k}": v for k, v in metrics.items() if isinstance(v, float)}, 0)
+    log.info("test NLL %.4f bits/dim over %d examples (%d orders)", metrics["nll_bits_per_dim"], len(rows), cfg.eval.mc_ll)
+    return metrics
+
+
+@torch.no_grad()
+def generate(exp: Experiment, dataset) -> dict:
+    cfg = exp.cfg
+    net = load_trained(exp, dataset)
+    batches = []
+    for start in range(0, cfg.generate.num_samples, cfg.generate.batch_size):
+        count = min(cfg.generate.batch_size, cfg.generate.num_samples - start)
+        batches.append(arm.sample_unconditional(net, count, temperature=cfg.generate.temperature, device=exp.device).cpu())
+    samples = torch.cat(batches)
+    metrics = save_samples(exp, dataset, samples)
+    exp.write_json("generate_metrics.json", {"num_samples": len(samples), **metrics})
+    return metrics
+
+
+@torch.no_grad()
+def score(exp: Experiment, dataset) -> None:
+    cfg = exp.cfg
+    net = load_trained(exp, dataset)
+    x, observed = read_score_input(cfg.score.input, dataset.num_positions, dataset.num_classes)
+    log_probs = batched(lambda rows, mask: arm.ensemble_log_prob(net, rows, cfg.score.orders, mask, cfg.eval.steps_per_pass),
+                        x, observed, cfg.eval.batch_size, exp.device, desc="score")
+    path = write_score_output(cfg.score.output, log_probs.numpy())
+    log.info("wrote %d log-probabilities to %s", len(log_probs), path)
+
+
+MODES = {"train": train, "eval": evaluate, "generate": generate, "score": score}
+
+
+def run(cfg, run_dir=None):
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode={cfg.mode!r} is unknown for stage 1; use one of {sorted(MODES)}")
+    exp = setup(cfg, run_dir)
+    try:
+        dataset = load_data(exp)
+        return MODES[cfg.mode](exp, dataset)
+    finally:
+        exp.logger.close()

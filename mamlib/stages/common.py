@@ -1,0 +1,99 @@
+"""Pieces the stage runners share: data, checkpoint metadata, building nets from checkpoints, writing samples."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from ..checkpoint import check_same_data, load_checkpoint, load_model_state
+from ..experiment import Experiment, config_dict
+from ..nets import build_backbone
+
+log = logging.getLogger("mamlib")
+
+
+def load_data(exp: Experiment):
+    from ..data import load_dataset
+
+    return load_dataset(exp.cfg.dataset, exp.data_dir)
+
+
+def checkpoint_meta(kind: str, exp: Experiment, dataset_info: dict, arch_cfg, has_marginal: bool) -> dict:
+    return {"kind": kind, "dataset": dataset_info, "arch": OmegaConf.to_container(arch_cfg, resolve=True),
+            "has_marginal": has_marginal, "config": config_dict(exp.cfg)}
+
+
+def net_from_checkpoint(path, kinds, dataset_info: dict, device, image_shape=None, marginal: bool | None = None,
+                        allow_missing_marginal: bool = False):
+    """Rebuild the backbone from the checkpoint's own arch config and load its weights strictly.
+
+    ``allow_missing_marginal``: a stage-1 checkpoint loaded into a net with a marginal head; only the
+    marginal head's keys may be absent. ``marginal=None`` builds the head iff the checkpoint has one.
+    """
+    payload = load_checkpoint(path, expected_kind=kinds)
+    check_same_data(payload["dataset"], dataset_info, path)
+    marginal = payload["has_marginal"] if marginal is None else marginal
+    net = build_backbone(OmegaConf.create(payload["arch"]), dataset_info["K"], dataset_info["D"], image_shape=image_shape,
+                         marginal=marginal)
+    allowed = net.marginal_prefixes if allow_missing_marginal else ()
+    missing = load_model_state(net, payload["model"], path, allowed)
+    return net.to(device), payload, missing
+
+
+def molecule_smiles(strings: list[str], string_type: str) -> list[str | None]:
+    """Canonical SMILES (no stereo) of SMILES or SELFIES strings; None where invalid."""
+    import selfies
+
+    from ..energy.molecules import canonical_smiles
+
+    smiles = []
+    for string in strings:
+        if string_type.upper() == "SELFIES":
+            try:
+                string = selfies.decoder(string)
+            except Exception:  # selfies raises its own DecoderError and friends
+                string = None
+        smiles.append(canonical_smiles(string) if string else None)
+    return smiles
+
+
+def validity_uniqueness(smiles: list[str | None]) -> dict:
+    valid = [s for s in smiles if s]
+    return {"validity": len(valid) / max(len(smiles), 1), "uniqueness": len(set(valid)) / max(len(valid), 1),
+            "num_samples": len(smiles)}
+
+
+def save_samples(exp: Experiment, dataset, samples: torch.Tensor, stem: str = "samples", observed_mask=None) -> dict:
+    """Write samples in the form a person reads: PNG grid, text file or molecule file (+ validity). Returns metrics."""
+    from ..plots import save_image_grid
+
+    run_dir = exp.run_dir
+    array = samples.cpu().numpy()
+    np.save(run_dir / f"{stem}.npy", array)
+    metrics: dict = {}
+    if dataset.kind == "image":
+        height, width = dataset.image_shape
+        images = array.reshape(-1, height, width).astype(np.float32)
+        save_image_grid(images, run_dir / f"{stem}.png")
+    elif dataset.kind in ("text", "molecule"):
+        strings = [dataset.decode(row) for row in array]
+        lines = strings
+        if dataset.kind == "molecule":
+            string_type = "SELFIES" if dataset.padding_symbol == "[nop]" else "SMILES"
+            smiles = molecule_smiles(strings, string_type)
+            metrics = validity_uniqueness(smiles)
+            (run_dir / f"{stem}_smiles.txt").write_text("\n".join(s or "INVALID" for s in smiles) + "\n")
+        (run_dir / f"{stem}.txt").write_text("\n".join(lines) + "\n")
+    log.info("wrote %s samples to %s %s", len(array), run_dir / stem, metrics)
+    return metrics
+
+
+def resolve_checkpoint(exp: Experiment) -> Path:
+    path = exp.checkpoint_to_load()
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: pass loadpath=<run dir>/checkpoints/last.pt of a trained run "
+                                "(or run with mode=train first, with the same hydra.run.dir)")
+    return Path(path)

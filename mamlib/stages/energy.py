@@ -1,0 +1,353 @@
+"""Energy-based training: fit p_theta to an unnormalised log f(x) without data (Ising lattices, molecule properties).
+
+model=MAM: marginal + conditional MLPs trained jointly with the KL objective (REINFORCE with a standardised reward)
+plus alpha x self-consistency, or with the squared-error objective. model=ARM: a fixed-order ARM baseline with the exact
+D-pass likelihood, or the one-step Monte-Carlo variant (logp_mc=true).
+Modes: train, evaluate, generate, score.
+"""
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+import torch
+from omegaconf import OmegaConf
+
+from .. import arm
+from ..evaluation import time_callable, write_report
+from ..experiment import Experiment, batched, bits, make_optimizer, read_score_input, setup, write_score_output
+from ..marginal import log_marginal, normalized_log_marginal, self_consistency_residual
+from ..nets import build_backbone
+from ..orders import fixed_order
+from ..plots import save_histograms, save_image_grid
+from ..runtime import synchronize
+from ..trainer import Trainer
+from .common import checkpoint_meta, molecule_smiles, net_from_checkpoint, resolve_checkpoint, validity_uniqueness
+
+log = logging.getLogger("mamlib")
+KIND = "energy"
+
+
+# -- targets ---------------------------------------------------------------------------------------
+
+def build_target(exp: Experiment):
+    """(target, info) where target has log_f(x), num_positions, num_classes and describe()."""
+    cfg = exp.cfg
+    if cfg.target == "ising":
+        from ..energy.ising import IsingModel
+
+        ising = cfg.ising_model
+        target = IsingModel(ising.dim, ising.get("width") or ising.dim, sigma=ising.sigma, bias=ising.bias)
+        return target, {"name": f"ising_{ising.dim}x{ising.get('width') or ising.dim}", "K": 2, "D": target.num_positions,
+                        "alphabet": None, "target": target.describe()}
+    if cfg.target == "molecule":
+        from ..data import load_dataset
+        from ..energy.molecules import MoleculePropertyTarget
+
+        dataset = load_dataset(OmegaConf.create({"name": f"moses_{cfg.string_type.lower()}", "load_full": False, "max_len": cfg.L}),
+                               exp.data_dir)
+        target = MoleculePropertyTarget(dataset.alphabet, cfg.string_type, cfg.metric_name, cfg.target_value, cfg.tau,
+                                        cfg.get("invalid_penalty"))
+        target.num_positions, target.num_classes, target.dataset = dataset.num_positions, dataset.num_classes, dataset
+        return target, {"name": f"molecule_{cfg.string_type.lower()}_L{dataset.num_positions}", "K": dataset.num_classes,
+                        "D": dataset.num_positions, "alphabet": dataset.alphabet, "target": target.describe()}
+    raise ValueError(f"target={cfg.target!r} is unknown; use ising or molecule")
+
+
+def target_log_f(target, x) -> torch.Tensor:
+    return target.log_f(x).to(x.device).float()
+
+
+def standardized(values: torch.Tensor) -> torch.Tensor:
+    return (values - values.mean()) / (values.std() + torch.finfo(values.dtype).eps)
+
+
+# -- objectives ------------------------------------------------------------------------------------
+
+class MaMEnergyObjective:
+    """KL(p_theta || f/Z) by REINFORCE on persistent chains + alpha (D x self-consistency + (f(empty) - log Z)^2)."""
+
+    def __init__(self, net, target, cfg, device):
+        self.net, self.target, self.cfg, self.device = net, target, cfg, device
+        D, K = net.num_positions, net.num_classes
+        init = cfg.log_z_init if cfg.log_z_init is not None else D * math.log(K)  # the original used D ln 2 for any K
+        self.log_z = torch.nn.Parameter(torch.tensor(float(init), device=device), requires_grad=cfg.objective == "squared")
+        self.samples: torch.Tensor | None = None
+        if cfg.objective not in ("KL", "squared"):
+            raise ValueError(f"objective={cfg.objective!r} is unknown for model=MAM; use KL or squared")
+
+    def on_epoch_start(self, epoch: int) -> None:
+        # chains re-drawn by ancestral sampling with p_phi, then refreshed by censor-and-resample each step
+        self.net.eval()
+        self.samples = arm.sample_unconditional(self.net, self.cfg.train.batch_size, device=self.device)
+        self.net.train()
+
+    def _penalty(self, x):
+        residual, f_empty = self_consistency_residual(self.net, x)
+        consistency = residual.pow(2).mean()
+        normalizer = (f_empty - self.log_z).pow(2)
+        return consistency, normalizer
+
+    def loss(self, batch):
+        cfg, D = self.cfg, self.net.num_positions
+        self.samples = arm.censor_and_resample(self.net, self.samples, cfg.gibbs_steps)
+        log_f = target_log_f(self.target, self.samples)
+        metrics = {"log_f_mean": log_f.mean().item(), "log_f_std": log_f.std().item()}
+        if cfg.objective == "KL":
+            log_p = log_marginal(self.net, self.samples, torch.ones_like(self.samples, dtype=torch.bool)).float()
+            weight = standardized(log_p.detach() - self.log_z.detach() - log_f)
+            surrogate = arm.one_step_mean_log_prob(self.net, self.samples) if cfg.logp_mc else log_p
+            fit = (weight * surrogate).mean()
+            consistency, normalizer = self._penalty(self.samples)
+            penalty = D * consistency + normalizer
+            metrics["kl_estimate"] = (log_p.detach() - self.log_z.detach() - log_f).mean().item()
+        else:  # squared error of f_theta on uniform random configurations, log Z learnable
+            random_x = torch.randint(0, self.net.num_classes, self.samples.shape, device=self.device)
+            f_random = log_marginal(self.net, random_x, torch.ones_like(random_x, dtype=torch.bool)).float()
+            fit = 0.5 * (f_random - target_log_f(self.target, random_x)).pow(2).mean()
+            consistency_random, _ = self._penalty(random_x)
+            consistency_samples, normalizer = self._penalty(self.samples)
+            consistency = 0.5 * (consistency_random + consistency_samples)
+            penalty = D * consistency + normalizer
+        metrics.update(consistency=consistency.item(), normalizer=normalizer.item(), fit=fit.item(), log_z=self.log_z.item())
+        return fit + cfg.alpha * penalty, metrics
+
+    def state_dict(self) -> dict:
+        return {"samples": None if self.samples is None else self.samples.cpu(), "log_z": self.log_z.detach().cpu()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.samples = None if state["samples"] is None else state["samples"].to(self.device)
+        with torch.no_grad():
+            self.log_z.copy_(state["log_z"])
+
+
+class ARMEnergyObjective:
+    """Fixed-order ARM baseline: REINFORCE on fresh ancestral samples each step.
+
+    Exact: log p(x) by the D-pass chain rule (with gradient). logp_mc: one random conditional, x D (high variance).
+    """
+
+    def __init__(self, net, target, cfg, device):
+        if cfg.objective != "KL":
+            raise ValueError("model=ARM supports objective=KL only")
+        self.net, self.target, self.cfg, self.device = net, target, cfg, device
+        self.log_z = None
+
+    def order(self, batch_size):
+        return fixed_order(batch_size, self.net.num_positions, self.cfg.arm_order, device=self.device)
+
+    def on_epoch_start(self, epoch: int) -> None:
+        pass
+
+    def loss(self, batch):
+        cfg, D = self.cfg, self.net.num_positions
+        order = self.order(cfg.train.batch_size)
+        self.net.eval()
+        samples = arm.sample_unconditional(self.net, cfg.train.batch_size, order=order, device=self.device)
+        self.net.train()
+        log_f = target_log_f(self.target, samples)
+        if cfg.logp_mc:
+            with torch.no_grad():
+                estimate = arm.one_step_log_prob(self.net, samples, order=order).float()
+            surrogate = arm.one_step_log_prob(self.net, samples, order=order).float()
+        else:
+            surrogate = arm.chain_rule_log_prob(self.net, samples, order=order, steps_per_pass=cfg.eval.steps_per_pass).float()
+            estimate = surrogate.detach()
+        weight = standardized(estimate - log_f)
+        return (weight * surrogate).mean(), {"log_f_mean": log_f.mean().item(), "log_f_std": log_f.std().item(),
+                                              "kl_estimate": (estimate - log_f).mean().item()}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+# -- modes -----------------------------------------------------------------------------------------
+
+def is_mam(cfg) -> bool:
+    if cfg.model not in ("MAM", "ARM"):
+        raise ValueError(f"model={cfg.model!r} is unknown; use MAM or ARM")
+    return cfg.model == "MAM"
+
+
+def train(exp: Experiment, target, info) -> None:
+    cfg = exp.cfg
+    net = build_backbone(cfg.arch, info["K"], info["D"], marginal=is_mam(cfg)).to(exp.device)
+    objective = (MaMEnergyObjective if is_mam(cfg) else ARMEnergyObjective)(net, target, cfg, exp.device)
+    groups = [{"params": list(net.parameters())}]
+    extra = []
+    if objective.log_z is not None and objective.log_z.requires_grad:
+        groups.append({"params": [objective.log_z], "lr": cfg.zlr})
+        extra = [objective.log_z]
+    trainer = Trainer(
+        train_cfg=cfg.train, model=net, objective=objective, optimizer=make_optimizer(groups, cfg.train),
+        batches=lambda epoch, start: range(start, cfg.steps_per_epoch), batches_per_epoch=cfg.steps_per_epoch,
+        run_dir=exp.run_dir, device=exp.device, dist_info=exp.dist, logger=exp.logger,
+        checkpoint_meta=checkpoint_meta(KIND, exp, info, cfg.arch, has_marginal=is_mam(cfg)),
+        extra_parameters=extra)
+    if cfg.resume:
+        trainer.resume()
+    trainer.fit()
+
+
+def load_trained(exp: Experiment, info):
+    """(net, is_mam): the checkpoint says whether it is a MaM (marginal network) or an ARM baseline."""
+    net, payload, _ = net_from_checkpoint(resolve_checkpoint(exp), (KIND,), info, exp.device)
+    net.eval()
+    return net, payload["has_marginal"]
+
+
+def model_order(exp, net, batch_size, is_mam_model):
+    return None if is_mam_model else fixed_order(batch_size, net.num_positions, exp.cfg.arm_order, device=exp.device)
+
+
+@torch.no_grad()
+def draw_samples(exp, net, count, is_mam_model) -> torch.Tensor:
+    chunks = []
+    for start in range(0, count, exp.cfg.eval.batch_size):
+        size = min(exp.cfg.eval.batch_size, count - start)
+        chunks.append(arm.sample_unconditional(net, size, order=model_order(exp, net, size, is_mam_model), device=exp.device).cpu())
+    return torch.cat(chunks)
+
+
+@torch.no_grad()
+def evaluate(exp: Experiment, target, info) -> dict:
+    cfg = exp.cfg
+    net, mam_model = load_trained(exp, info)
+    D, device, batch_size = info["D"], exp.device, cfg.eval.batch_size
+    log_z = target.log_partition() if hasattr(target, "log_partition") else None
+    chain = lambda x, m: arm.chain_rule_log_prob(net, x, m, order=model_order(exp, net, len(x), mam_model),
+                                                 steps_per_pass=cfg.eval.steps_per_pass)
+    marginal = lambda x, m: normalized_log_marginal(net, x, m)
+    results: dict = {"target": info["target"], "model": "MAM" if mam_model else "ARM", "log_z_exact": log_z}
+    row = {"model": results["model"]}
+
+    if cfg.target == "ising":  # NLL of ground-truth samples
+        ising = cfg.ising_model
+        truth = target.ground_truth_samples(exp.data_dir, num_chains=ising.n_samples, num_steps=ising.gt_steps, seed=ising.gt_seed)
+        mask = torch.ones_like(truth, dtype=torch.bool)
+        row["NLL conditional (bpd)"] = bits(-batched(chain, truth, mask, batch_size, device).mean().item() / D)
+        if mam_model:
+            row["NLL marginal (bpd)"] = bits(-batched(marginal, truth, mask, batch_size, device).mean().item() / D)
+
+    samples = draw_samples(exp, net, cfg.eval.num_samples, mam_model)
+    mask = torch.ones_like(samples, dtype=torch.bool)
+    log_f = target.log_f(samples).double()
+    log_p_chain = batched(chain, samples, mask, batch_size, device)
+    row["KL unnormalised (paper)"] = (log_p_chain - log_f).mean().item()
+    if log_z is not None:
+        row["KL exact"] = row["KL unnormalised (paper)"] + log_z
+    if mam_model:
+        log_p_marg = batched(marginal, samples, mask, batch_size, device)
+        row["KL marginal unnormalised"] = (log_p_marg - log_f).mean().item()
+        if log_z is not None:
+            row["KL marginal exact"] = row["KL marginal unnormalised"] + log_z
+
+    timing_x = samples[:cfg.eval.timing_batch].to(device)
+    timing_mask = torch.ones_like(timing_x, dtype=torch.bool)
+    sync = lambda: synchronize(device)
+    row["time ARM chain rule (s)"] = time_callable(lambda: chain(timing_x, timing_mask), repeats=cfg.eval.timing_repeats, synchronize=sync)["median"]
+    if mam_model:
+        row["time MaM (s)"] = time_callable(lambda: marginal(timing_x, timing_mask), repeats=cfg.eval.timing_repeats, synchronize=sync)["median"]
+        row["speedup"] = row["time ARM chain rule (s)"] / row["time MaM (s)"]
+    write_report([row], list(row.keys()), exp.run_dir, stem="results")
+    results["table"] = row
+    exp.write_json("metrics.json", results)
+    plot_samples(exp, target, samples, "evaluate")
+    exp.logger.log({f"test/{k}": v for k, v in row.items() if isinstance(v, float)}, 0)
+    log.info("results:\n%s", (exp.run_dir / "results.md").read_text())
+    return results
+
+
+def plot_samples(exp: Experiment, target, samples: torch.Tensor, stem: str) -> dict:
+    cfg = exp.cfg
+    log_f = target.log_f(samples).double().numpy()
+    if cfg.target == "ising":
+        ising = cfg.ising_model
+        truth = target.ground_truth_samples(exp.data_dir, num_chains=ising.n_samples, num_steps=ising.gt_steps, seed=ising.gt_seed)
+        save_histograms({"model samples": log_f, "ground truth (Gibbs)": target.log_f(truth).double().numpy()},
+                        exp.run_dir / f"{stem}_log_f_hist.png", title="log f(x) of samples", xlabel="log f(x)")
+        height = ising.dim
+        save_image_grid(samples[:100].view(-1, height, samples.shape[1] // height).float(), exp.run_dir / f"{stem}_lattices.png")
+        return {}
+    properties = target.properties(samples)
+    save_histograms({f"model samples ({cfg.metric_name})": properties}, exp.run_dir / f"{stem}_property_hist.png",
+                    title=f"{cfg.metric_name}, target {cfg.target_value}, tau {cfg.tau}", xlabel=cfg.metric_name)
+    strings = target.strings(samples)
+    smiles = target.smiles(samples)
+    (exp.run_dir / f"{stem}_{cfg.string_type.lower()}.txt").write_text("\n".join(strings) + "\n")
+    (exp.run_dir / f"{stem}_smiles.txt").write_text("\n".join(s or "INVALID" for s in smiles) + "\n")
+    finite = properties[np.isfinite(properties)]
+    summary = {**validity_uniqueness(smiles), "property_mean": float(finite.mean()) if len(finite) else float("nan"),
+               "property_std": float(finite.std()) if len(finite) else float("nan"),
+               "property_quantiles_10_50_90": np.quantile(finite, [0.1, 0.5, 0.9]).tolist() if len(finite) else []}
+    return summary
+
+
+@torch.no_grad()
+def generate(exp: Experiment, target, info) -> dict:
+    cfg = exp.cfg
+    net, mam_model = load_trained(exp, info)
+    samples = draw_samples(exp, net, cfg.generate.num_samples, mam_model)
+    np.save(exp.run_dir / "samples.npy", samples.numpy())
+    report = {"unconditional": plot_samples(exp, target, samples, "samples"), "num_samples": len(samples)}
+    if cfg.target == "molecule" and cfg.generate.molecule:
+        import selfies
+
+        string = selfies.encoder(cfg.generate.molecule) if cfg.string_type.upper() == "SELFIES" else cfg.generate.molecule
+        template = torch.as_tensor(target.dataset.encode(string), dtype=torch.long).unsqueeze(0)
+        observed = torch.ones_like(template, dtype=torch.bool)
+        observed[:, cfg.generate.start:cfg.generate.end] = False
+        count = cfg.generate.conditional_samples
+        conditional = arm.sample(net, template.repeat(count, 1).to(exp.device), observed.repeat(count, 1).to(exp.device)).cpu()
+        report["conditional"] = {"template": string, "masked": [cfg.generate.start, cfg.generate.end],
+                                 **plot_samples(exp, target, conditional, "conditional")}
+    exp.write_json("generate_metrics.json", report)
+    log.info("generation: %s", report)
+    return report
+
+
+@torch.no_grad()
+def score(exp: Experiment, target, info) -> None:
+    cfg = exp.cfg
+    net, mam_model = load_trained(exp, info)
+    x, observed = read_score_input(cfg.score.input, info["D"], info["K"])
+    if cfg.score.network == "marginal":
+        if not mam_model:
+            raise ValueError("score.network=marginal needs a MAM checkpoint; this one is an ARM (use score.network=conditional)")
+        function = lambda rows, mask: normalized_log_marginal(net, rows, mask)
+    elif cfg.score.network == "conditional" and mam_model:
+        function = lambda rows, mask: arm.ensemble_log_prob(net, rows, cfg.score.orders, mask, cfg.eval.steps_per_pass)
+    elif cfg.score.network == "conditional":
+        function = lambda rows, mask: arm_prefix_log_prob(exp, net, rows, mask)
+    else:
+        raise ValueError(f"score.network={cfg.score.network!r} is unknown; use marginal or conditional")
+    values = batched(function, x, observed, cfg.eval.batch_size, exp.device, desc="score")
+    write_score_output(cfg.score.output, values.numpy())
+
+
+def arm_prefix_log_prob(exp, net, x, observed_mask):
+    """A fixed-order ARM gives exact marginals only of prefixes of its order; anything else is refused."""
+    order = fixed_order(len(x), net.num_positions, exp.cfg.arm_order, device=x.device)
+    counts = observed_mask.sum(1, keepdim=True)
+    if not torch.equal(observed_mask, order < counts):
+        raise ValueError(f"an ARM ({exp.cfg.arm_order} order) answers only queries whose observed positions are a prefix of its "
+                         "order; score such rows with a MAM checkpoint (score.network=marginal)")
+    return arm.chain_rule_log_prob(net, x, observed_mask, order=order, steps_per_pass=exp.cfg.eval.steps_per_pass)
+
+
+MODES = {"train": train, "evaluate": evaluate, "generate": generate, "score": score}
+
+
+def run(cfg, run_dir=None):
+    if cfg.mode not in MODES:
+        raise ValueError(f"mode={cfg.mode!r} is unknown for energy-based training; use one of {sorted(MODES)}")
+    exp = setup(cfg, run_dir)
+    try:
+        target, info = build_target(exp)
+        return MODES[cfg.mode](exp, target, info)
+    finally:
+        exp.logger.close()

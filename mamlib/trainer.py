@@ -1,0 +1,174 @@
+"""One training loop for every stage: accumulation, clipping, data parallelism, bf16, checkpoints, resume, logging.
+
+An *objective* supplies the per-batch loss; the trainer knows nothing about models beyond their parameters:
+  objective.loss(batch) -> (scalar loss, {name: float})
+  objective.on_epoch_start(epoch)        (e.g. re-seed a persistent sample buffer)
+  objective.state_dict() / load_state_dict(state)   (buffers that resuming needs)
+"""
+from __future__ import annotations
+
+import logging
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .checkpoint import load_checkpoint, save_checkpoint
+from .runtime import DistInfo, autocast, rng_state, set_rng_state
+
+log = logging.getLogger("mamlib")
+
+
+def epoch_batches(dataset, batch_size: int, epoch: int, seed: int, dist_info: DistInfo = DistInfo(), start_batch: int = 0,
+                  shuffle: bool = True, drop_last: bool = True) -> Iterable[torch.Tensor]:
+    """Deterministic batches for an epoch (a function of seed and epoch), sharded across processes.
+
+    Deterministic so that resuming can skip exactly the batches already used.
+    """
+    generator = torch.Generator().manual_seed(int(seed) * 100_003 + epoch)
+    indices = torch.randperm(len(dataset), generator=generator) if shuffle else torch.arange(len(dataset))
+    indices = indices[dist_info.rank::dist_info.world_size]
+    num_batches = len(indices) // batch_size if drop_last else math.ceil(len(indices) / batch_size)
+    for batch_index in range(start_batch, num_batches):
+        chunk = indices[batch_index * batch_size:(batch_index + 1) * batch_size]
+        yield torch.stack([dataset[int(i)] for i in chunk])
+
+
+def num_epoch_batches(dataset, batch_size: int, dist_info: DistInfo = DistInfo()) -> int:
+    return (len(dataset) // dist_info.world_size) // batch_size
+
+
+class Trainer:
+    def __init__(self, *, train_cfg, model: torch.nn.Module, objective, optimizer: torch.optim.Optimizer,
+                 batches: Callable[[int, int], Iterable], batches_per_epoch: int, run_dir, device: torch.device,
+                 dist_info: DistInfo = DistInfo(), logger=None, checkpoint_meta: dict | None = None,
+                 evaluate: Callable[[int], dict] | None = None, extra_parameters: list | None = None):
+        self.cfg = train_cfg
+        self.model, self.objective, self.optimizer = model, objective, optimizer
+        self.batches, self.batches_per_epoch = batches, batches_per_epoch
+        self.run_dir, self.device, self.dist = Path(run_dir), device, dist_info
+        self.logger, self.meta, self.evaluate = logger, checkpoint_meta or {}, evaluate
+        self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
+        per_step = train_cfg.batch_size * dist_info.world_size
+        effective = train_cfg.get("effective_batch") or per_step
+        self.accumulation = max(1, math.ceil(effective / per_step))
+        self.step = self.epoch = self.batch_in_epoch = 0
+        # extra_parameters: trained tensors that live outside the model (e.g. a learnable log Z)
+        self.parameters = [p for p in model.parameters() if p.requires_grad] + list(extra_parameters or [])
+        if not self.parameters:
+            raise ValueError("the model has no trainable parameters")
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def save(self) -> None:
+        if not self.dist.is_main:
+            return
+        save_checkpoint(self.checkpoint_path, {
+            **self.meta, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "objective": self.objective.state_dict(), "step": self.step, "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch, "rng": rng_state()})
+
+    def resume(self, path=None) -> bool:
+        path = Path(path) if path else self.checkpoint_path
+        if not path.exists():
+            log.info("resume requested but %s does not exist: starting from scratch", path)
+            return False
+        state = load_checkpoint(path, expected_kind=self.meta.get("kind"))
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.objective.load_state_dict(state["objective"])
+        self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        set_rng_state(state["rng"])
+        log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
+        return True
+
+    # -- training ----------------------------------------------------------------------------------
+    def total_steps(self) -> int:
+        steps = self.cfg.n_epochs * (self.batches_per_epoch // self.accumulation)
+        max_steps = self.cfg.get("max_steps")
+        return min(steps, max_steps) if max_steps else steps
+
+    def _sync_gradients(self) -> None:
+        if not self.dist.enabled:
+            return
+        for parameter in self.parameters:
+            if parameter.grad is None:
+                parameter.grad = torch.zeros_like(parameter)
+            dist.all_reduce(parameter.grad)
+            parameter.grad /= self.dist.world_size
+
+    def _broadcast_parameters(self) -> None:
+        if self.dist.enabled:
+            for tensor in list(self.model.parameters()) + list(self.model.buffers()):
+                dist.broadcast(tensor.data, src=0)
+
+    def optimizer_step(self) -> float:
+        self._sync_gradients()
+        clip = self.cfg.get("clip")
+        norm = torch.nn.utils.clip_grad_norm_(self.parameters, clip if clip and clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return float(norm)
+
+    def fit(self) -> int:
+        self._broadcast_parameters()
+        total = self.total_steps()
+        if self.batches_per_epoch < self.accumulation:
+            raise ValueError(f"an epoch has {self.batches_per_epoch} batches but one optimizer step needs {self.accumulation}; "
+                             "lower train.effective_batch or train.batch_size")
+        bar = tqdm(total=total, initial=self.step, desc="train", disable=not self.dist.is_main, dynamic_ncols=True)
+        running, micro, log_every = defaultdict(float), 0, self.cfg.get("log_every", 50)
+        ckpt_every, eval_every = self.cfg.get("checkpoint_every"), self.cfg.get("eval_every")
+        self.model.train()
+        while self.epoch < self.cfg.n_epochs and self.step < total:
+            if self.batch_in_epoch == 0:
+                self.objective.on_epoch_start(self.epoch)
+            usable = (self.batches_per_epoch // self.accumulation) * self.accumulation
+            for batch in self.batches(self.epoch, self.batch_in_epoch):
+                if self.batch_in_epoch >= usable or self.step >= total:
+                    break
+                if torch.is_tensor(batch):
+                    batch = batch.to(self.device, non_blocking=True)
+                with autocast(self.device, self.cfg.get("precision") == "bf16"):
+                    loss, metrics = self.objective.loss(batch)
+                (loss / self.accumulation).backward()
+                running["loss"] += loss.item()
+                for key, value in metrics.items():
+                    running[key] += float(value)
+                running["_count"] += 1
+                micro += 1
+                self.batch_in_epoch += 1
+                if micro < self.accumulation:
+                    continue
+                micro = 0
+                running["grad_norm"] += self.optimizer_step() * running["_count"]
+                bar.update(1)
+                if self.step % log_every == 0 or self.step == total:
+                    count = running.pop("_count")
+                    averaged = {f"train/{k}": v / count for k, v in running.items()}
+                    bar.set_postfix(loss=f"{averaged['train/loss']:.4g}")
+                    if self.logger and self.dist.is_main:
+                        self.logger.log({**averaged, "epoch": self.epoch}, self.step)
+                    running = defaultdict(float)
+                if ckpt_every and self.step % ckpt_every == 0:
+                    self.save()
+                if eval_every and self.evaluate and self.step % eval_every == 0 and self.dist.is_main:
+                    self._run_evaluation()
+            if self.batch_in_epoch >= usable:
+                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        bar.close()
+        self.save()
+        return self.step
+
+    def _run_evaluation(self) -> None:
+        self.model.eval()
+        with torch.no_grad():
+            metrics = self.evaluate(self.step)
+        self.model.train()
+        if self.logger and metrics:
+            self.logger.log({f"val/{k}": v for k, v in metrics.items()}, self.step)
+        log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
