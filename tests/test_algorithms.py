@@ -1,0 +1,138 @@
+"""Exact checks of orders, the AO-ARM algorithms and the self-consistency loss on enumerable problems."""
+import itertools
+import math
+
+import pytest
+import torch
+from scipy import stats
+
+from mamlib import arm
+from mamlib.marginal import normalized_log_marginal, self_consistency_loss, self_consistency_residual
+from mamlib.nets import MLPPair, Transformer
+from mamlib.orders import (fixed_order, from_missing_coded, index_at, order_observed_first, random_order,
+                           to_missing_coded)
+
+from exact import BruteForceNet, all_states, chain_log_joint
+
+torch.set_num_threads(1)
+D, K = 4, 3
+
+
+def small_transformer(seed=0, marginal=False):
+    torch.manual_seed(seed)
+    return Transformer(K, D, d_model=16, num_layers=1, num_heads=2, mlp_dim=32, marginal=marginal, marginal_hidden=16).eval()
+
+
+def test_orders_are_permutations_and_observed_first():
+    rank = random_order(50, 7)
+    assert torch.equal(rank.sort(1).values, torch.arange(7).expand(50, 7))
+    observed = torch.rand(50, 7) < 0.4
+    order = order_observed_first(observed)
+    counts = observed.sum(1, keepdim=True)
+    assert torch.equal(order < counts, observed)  # observed positions occupy the first |S| steps
+    assert torch.equal(index_at(fixed_order(2, 5, "backward"), 0), torch.tensor([4, 4]))
+    with pytest.raises(ValueError, match="unknown order"):
+        fixed_order(1, 3, "sideways")
+
+
+def test_missing_coding_round_trip():
+    array = torch.tensor([[0, -1, 2], [-1, -1, 1]])
+    x, mask = from_missing_coded(array)
+    assert mask.tolist() == [[True, False, True], [False, False, True]]
+    assert torch.equal(to_missing_coded(x, mask), array)
+
+
+@torch.no_grad()
+def test_chain_rule_normalises_for_any_order_and_chunking():
+    net = small_transformer()
+    states = all_states(D, K)
+    for direction in ("forward", "backward"):
+        order = fixed_order(len(states), D, direction)
+        log_p = arm.chain_rule_log_prob(net, states, order=order)
+        assert torch.logsumexp(log_p, 0).item() == pytest.approx(0.0, abs=1e-5)
+        chunked = arm.chain_rule_log_prob(net, states, order=order, steps_per_pass=3)
+        assert torch.allclose(log_p, chunked, atol=1e-6)
+
+
+@torch.no_grad()
+def test_partial_chain_rule_is_the_exact_marginal_of_that_order():
+    net = small_transformer(seed=1)
+    states = all_states(D, K)
+    observed = torch.tensor([True, False, True, False])
+    order = torch.tensor([0, 2, 1, 3])  # the observed positions 0 and 2 first
+    joint = arm.chain_rule_log_prob(net, states, order=order.expand(len(states), D))
+    x = torch.tensor([[2, 0, 1, 0]])
+    partial = arm.chain_rule_log_prob(net, x, observed.unsqueeze(0), order=order.unsqueeze(0))
+    agree = (states[:, observed] == x[:, observed]).all(1)
+    assert partial.item() == pytest.approx(torch.logsumexp(joint[agree], 0).item(), abs=1e-5)
+
+
+@torch.no_grad()
+def test_one_step_estimator_is_unbiased_for_order_average():
+    net = small_transformer(seed=2)
+    x = torch.tensor([[1, 0, 2, 1]])
+    exact = torch.stack([arm.chain_rule_log_prob(net, x, order=torch.tensor([p]).argsort(1).argsort(1))
+                         for p in itertools.permutations(range(D))]).mean().item()  # E over all 24 orders
+    draws = arm.one_step_log_prob(net, x.repeat(20000, 1), generator=torch.Generator().manual_seed(0))
+    standard_error = draws.std().item() / math.sqrt(len(draws))
+    assert abs(draws.mean().item() - exact) < 4 * standard_error
+
+
+@torch.no_grad()
+def test_conditional_samples_keep_evidence_and_match_model():
+    net = small_transformer(seed=3)
+    observed = torch.tensor([[False, True, False, True]])
+    evidence = torch.tensor([[0, 2, 0, 1]])
+    count = 6000
+    order = torch.tensor([[2, 0, 3, 1]])  # observed 1 and 3 first, then 0, then 2
+    samples = arm.sample(net, evidence.repeat(count, 1), observed.repeat(count, 1), order=order.repeat(count, 1),
+                         generator=torch.Generator().manual_seed(1))
+    assert torch.equal(samples[:, observed[0]], evidence[:, observed[0]].repeat(count, 1))
+    # exact conditional p_sigma(x_0, x_2 | x_1, x_3) from the chain rule along the same order
+    states = all_states(D, K)
+    states = states[(states[:, observed[0]] == evidence[:, observed[0]]).all(1)]
+    log_joint = arm.chain_rule_log_prob(net, states, order=order.repeat(len(states), 1))
+    expected = torch.softmax(log_joint, 0).numpy() * count
+    index = {tuple(s.tolist()): i for i, s in enumerate(states)}
+    observed_counts = torch.bincount(torch.tensor([index[tuple(s.tolist())] for s in samples]), minlength=len(states)).numpy()
+    assert stats.chisquare(observed_counts, expected).pvalue > 1e-3
+
+
+def test_aoarm_loss_matches_its_definition():
+    net = small_transformer(seed=4)
+    x = torch.randint(0, K, (5, D))
+    torch.manual_seed(7)
+    loss, per_example = arm.aoarm_loss(net, x)
+    torch.manual_seed(7)  # replay the same order and step draws
+    rank = random_order(5, D)
+    step = torch.randint(0, D, (5,))
+    observed = rank < step.unsqueeze(1)
+    log_p = arm.value_log_probs(arm.conditional_log_probs(net, x, observed), x)
+    expected = torch.stack([-(log_p[b][~observed[b]]).mean() for b in range(5)])
+    assert torch.allclose(per_example, expected.detach(), atol=1e-6)
+    assert loss.item() == pytest.approx(expected.mean().item(), abs=1e-6)
+
+
+def test_self_consistency_loss_is_zero_for_exact_marginals():
+    log_joint = chain_log_joint(D, K, seed=5)
+    net = BruteForceNet(log_joint, D, K)
+    x = all_states(D, K)[torch.randperm(K ** D)[:40]]
+    loss, parts = self_consistency_loss(net, x)
+    assert parts["consistency"] < 1e-10 and abs(parts["log_z_model"]) < 1e-6 and loss.item() < 1e-6
+    # a constant offset stays consistent but is caught by the normaliser term (f(empty) must be 0)
+    shifted = BruteForceNet(log_joint, D, K, marginal_offset=0.7)
+    residual, f_empty = self_consistency_residual(shifted, x)
+    assert residual.abs().max().item() < 1e-5 and f_empty.item() == pytest.approx(0.7, abs=1e-5)
+    loss_shifted, _ = self_consistency_loss(shifted, x)
+    assert loss_shifted.item() == pytest.approx(0.49, abs=1e-4)
+    assert torch.allclose(normalized_log_marginal(shifted, x, torch.ones_like(x, dtype=torch.bool)),
+                          log_joint[[int("".join(map(str, r.tolist())), K) for r in x]], atol=1e-6)
+
+
+def test_self_consistency_loss_is_positive_for_inconsistent_model():
+    torch.manual_seed(0)
+    net = MLPPair(K, D, hidden=16, num_layers=2, marginal=True)
+    loss, parts = self_consistency_loss(net, torch.randint(0, K, (32, D)))
+    assert parts["consistency"] > 1e-4
+    loss.backward()
+    assert net.marginal_mlp.input.weight.grad.abs().sum() > 0
