@@ -34,8 +34,8 @@ def epoch_batches(dataset, batch_size: int, epoch: int, seed: int, dist_info: Di
     indices = indices[dist_info.rank::dist_info.world_size]
     num_batches = len(indices) // batch_size if drop_last else math.ceil(len(indices) / batch_size)
     for batch_index in range(start_batch, num_batches):
-        chunk = indices[batch_index * batch_size:(batch_index + 1) * batch_size]
-        yield torch.stack([dataset[int(i)] for i in chunk])
+        chunk = indices[batch_index * batch_size:(batch_index + 1) * batch_size].tolist()
+        yield torch.stack(dataset.__getitems__(chunk) if hasattr(dataset, "__getitems__") else [dataset[i] for i in chunk])
 
 
 def num_epoch_batches(dataset, batch_size: int, dist_info: DistInfo = DistInfo()) -> int:
