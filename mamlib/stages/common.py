@@ -18,7 +18,9 @@ log = logging.getLogger("mamlib")
 def load_data(exp: Experiment):
     from ..data import load_dataset
 
-    return load_dataset(exp.cfg.dataset, exp.data_dir)
+    dataset_cfg = OmegaConf.to_container(exp.cfg.dataset, resolve=True)
+    dataset_cfg["name"] = dataset_cfg["name"].lower()  # moses_${string_type} -> moses_smiles / moses_selfies
+    return load_dataset(OmegaConf.create(dataset_cfg), exp.data_dir)
 
 
 def checkpoint_meta(kind: str, exp: Experiment, dataset_info: dict, arch_cfg, has_marginal: bool) -> dict:
