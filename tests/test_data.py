@@ -21,6 +21,15 @@ from mamlib.data.text8 import TEXT_ALPHABET, clean_text8_style
 torch.set_num_threads(1)
 
 
+
+@pytest.fixture(autouse=True)
+def build_alphabets_from_fixtures(monkeypatch, tmp_path_factory):
+    """The shipped real-MOSES alphabets would hide the fixture wheels' own alphabets: build them here."""
+    import mamlib.data.moses as moses_module
+
+    monkeypatch.setattr(moses_module, "SHIPPED_ALPHABET_DIR", tmp_path_factory.mktemp("no_shipped_alphabets"))
+
+
 def alphabet_index(text: str) -> np.ndarray:
     return np.array([TEXT_ALPHABET.index(c) for c in text], dtype=np.int64)
 
@@ -367,3 +376,18 @@ def test_download_url_is_atomic(tmp_path):
     with pytest.raises(DataSourceError, match="could not download"):
         fetch.download_url((tmp_path / "missing.bin").as_uri(), tmp_path / "out" / "other.bin")
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["file.bin"]   # no partial file left
+
+
+def test_shipped_moses_alphabets_match_appendix_a():
+    """The shipped files hold the full MOSES train alphabets (27 symbols each, L = 57 / 55, sorted)."""
+    import json
+    from pathlib import Path
+
+    import mamlib.data.moses as moses_module
+
+    folder = Path(moses_module.__file__).with_name("moses_alphabets")
+    smiles = json.loads((folder / "alphabet_smiles.json").read_text())
+    selfies_info = json.loads((folder / "alphabet_selfies.json").read_text())
+    assert smiles["alphabet"] == sorted(set("#()-123456=BCFHNOS[]clnors") | {" "}) and smiles["largest_len"] == 57
+    assert len(selfies_info["alphabet"]) == 27 and selfies_info["largest_len"] == 55
+    assert selfies_info["alphabet"] == sorted(selfies_info["alphabet"]) and "[nop]" in selfies_info["alphabet"]

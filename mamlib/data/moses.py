@@ -180,6 +180,10 @@ def _tokenize(string_type: str, smiles: list[str], workers: int) -> TokenRows:
     return TokenRows.from_selfies(smiles_to_selfies(smiles, workers))
 
 
+# alphabets of the real MOSES train set (sorted, with padding), computed once by this loader and shipped
+SHIPPED_ALPHABET_DIR = Path(__file__).with_name("moses_alphabets")
+
+
 def _load_or_build_alphabet(folder: Path, string_type: str, workers: int, train_smiles) -> dict:
     """The cached alphabet JSON, built from the full MOSES train set (``train_smiles()``) on first use.
 
@@ -192,7 +196,7 @@ def _load_or_build_alphabet(folder: Path, string_type: str, workers: int, train_
         if info.get("padding_symbol") != PADDING[string_type] or len(info["alphabet"]) != info["alphabet_size"]:
             raise ValueError(f"{path} is not a valid {string_type} alphabet file; delete it to rebuild it")
         return info
-    shipped = Path(__file__).with_name("moses_alphabets") / path.name
+    shipped = SHIPPED_ALPHABET_DIR / path.name
     if shipped.exists():
         # Built once from the full MOSES train set and shipped, so a fresh clone skips minutes of SELFIES conversion.
         info = json.loads(shipped.read_text())
