@@ -73,10 +73,19 @@ def chain_rule_log_prob(net, x, observed_mask=None, order=None, steps_per_pass: 
     return total
 
 
+def per_order_log_probs(net, x, num_orders: int, observed_mask=None, steps_per_pass: int = 1) -> torch.Tensor:
+    """(M, B) chain-rule log p_sigma_m(x_S) for M independent random orders per row."""
+    return torch.stack([chain_rule_log_prob(net, x, observed_mask, steps_per_pass=steps_per_pass) for _ in range(num_orders)])
+
+
+def combine_orders(per_order: torch.Tensor) -> torch.Tensor:
+    """log (1/M) sum_m p_sigma_m: the likelihood of the ensemble of M single-order models."""
+    return torch.logsumexp(per_order, dim=0) - math.log(per_order.shape[0])
+
+
 def ensemble_log_prob(net, x, num_orders: int = 5, observed_mask=None, steps_per_pass: int = 1) -> torch.Tensor:
     """log (1/M) sum_m p_sigma_m(x_S): the paper's AO-ARM-E (M=5) / AO-ARM-S (M=1). float64 (B,)."""
-    per_order = torch.stack([chain_rule_log_prob(net, x, observed_mask, steps_per_pass=steps_per_pass) for _ in range(num_orders)])
-    return torch.logsumexp(per_order, dim=0) - math.log(num_orders)
+    return combine_orders(per_order_log_probs(net, x, num_orders, observed_mask, steps_per_pass))
 
 
 def _one_step_setup(net, x, order, generator):

@@ -29,15 +29,18 @@ def checkpoint_meta(kind: str, exp: Experiment, dataset_info: dict, arch_cfg, ha
 
 
 def net_from_checkpoint(path, kinds, dataset_info: dict, device, image_shape=None, marginal: bool | None = None,
-                        allow_missing_marginal: bool = False):
+                        allow_missing_marginal: bool = False, arch_overrides: dict | None = None):
     """Rebuild the backbone from the checkpoint's own arch config and load its weights strictly.
 
     ``allow_missing_marginal``: a stage-1 checkpoint loaded into a net with a marginal head; only the
     marginal head's keys may be absent. ``marginal=None`` builds the head iff the checkpoint has one.
+    ``arch_overrides`` changes arch options that only concern missing parts (the marginal head's width).
+    Returns (net, payload, missing keys); ``payload["arch"]`` is the architecture actually built.
     """
     payload = load_checkpoint(path, expected_kind=kinds)
     check_same_data(payload["dataset"], dataset_info, path)
     marginal = payload["has_marginal"] if marginal is None else marginal
+    payload["arch"] = {**payload["arch"], **(arch_overrides or {})}
     net = build_backbone(OmegaConf.create(payload["arch"]), dataset_info["K"], dataset_info["D"], image_shape=image_shape,
                          marginal=marginal)
     allowed = net.marginal_prefixes if allow_missing_marginal else ()

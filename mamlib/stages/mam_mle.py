@@ -35,7 +35,8 @@ def load_stage1(exp: Experiment, dataset):
         raise ValueError("stage 2 trains marginals on top of trained conditionals: pass load_pretrain=True "
                          "loadpath_pretrain=<stage-1 run dir>/checkpoints/last.pt")
     net, payload, missing = net_from_checkpoint(cfg.loadpath_pretrain, (STAGE1_KIND,), dataset.describe(), exp.device,
-                                                image_shape=dataset.image_shape, marginal=True, allow_missing_marginal=True)
+                                                image_shape=dataset.image_shape, marginal=True, allow_missing_marginal=True,
+                                                arch_overrides=marginal_width(cfg))
     expected = {k for k in net.state_dict() if k.startswith(net.marginal_prefixes)}
     if set(missing) != expected:
         raise CheckpointError(f"{cfg.loadpath_pretrain}: expected exactly the marginal-head keys to be missing, "
@@ -44,6 +45,12 @@ def load_stage1(exp: Experiment, dataset):
         for name, parameter in net.named_parameters():
             parameter.requires_grad = name.startswith(net.marginal_prefixes)
     return net, payload
+
+
+def marginal_width(cfg) -> dict:
+    """Stage 2 takes the architecture from the stage-1 checkpoint; only the marginal head's width comes from arch.*."""
+    width = cfg.arch.get("marginal_hidden")
+    return {} if width is None else {"marginal_hidden": width}
 
 
 class MarginalObjective:
@@ -154,22 +161,28 @@ def evaluate(exp: Experiment, dataset) -> dict:
     net = load_trained(exp, dataset)
     D, device, batch_size = dataset.num_positions, exp.device, cfg.eval.batch_size
 
-    # 1. test NLL: conditionals (as the paper reports MaM) and marginal network
+    # 1. test NLL: conditionals (as the paper reports MaM) and marginal network.
+    # AO-ARM-S is the first of the AO-ARM-E orders: one random order, computed once.
+    def ensemble_and_single(rows):
+        per_order = batched(lambda x, m: arm.per_order_log_probs(net, x, cfg.eval.mc_ll, m, cfg.eval.steps_per_pass).T,
+                            rows, torch.ones_like(rows, dtype=torch.bool), batch_size, device, desc="chain rule").T
+        return arm.combine_orders(per_order), per_order[0]
+
     rows = first_rows(dataset.test, cfg.eval.num_examples)
     full = torch.ones_like(rows, dtype=torch.bool)
-    chain = lambda orders: batched(lambda x, m: arm.ensemble_log_prob(net, x, orders, m, cfg.eval.steps_per_pass),
-                                   rows, full, batch_size, device, desc=f"NLL {orders} orders")
-    nll = {"AO-ARM-E": -chain(cfg.eval.mc_ll).mean().item(), "AO-ARM-S": -chain(1).mean().item(),
+    ensemble, single = ensemble_and_single(rows)
+    nll = {"AO-ARM-E": -ensemble.mean().item(), "AO-ARM-S": -single.mean().item(),
            "MaM": -batched(lambda x, m: normalized_log_marginal(net, x, m), rows, full, batch_size, device).mean().item()}
 
     # 2. marginal quality against AO-ARM-E
     groups = quality_groups(exp, net, dataset)
     reference, single, marginal = [], [], []
     for group in groups:
-        mask = torch.ones_like(group, dtype=torch.bool)
-        reference.append(batched(lambda x, m: arm.ensemble_log_prob(net, x, cfg.eval.mc_ll, m, cfg.eval.steps_per_pass), group, mask, batch_size, device).numpy())
-        single.append(batched(lambda x, m: arm.ensemble_log_prob(net, x, 1, m, cfg.eval.steps_per_pass), group, mask, batch_size, device).numpy())
-        marginal.append(batched(lambda x, m: normalized_log_marginal(net, x, m), group, mask, batch_size, device).numpy())
+        group_ensemble, group_single = ensemble_and_single(group)
+        reference.append(group_ensemble.numpy())
+        single.append(group_single.numpy())
+        marginal.append(batched(lambda x, m: normalized_log_marginal(net, x, m), group, torch.ones_like(group, dtype=torch.bool),
+                                batch_size, device).numpy())
     threshold = cfg.eval.threshold
     quality = {"AO-ARM-S": aggregate_correlations(list(zip(reference, single)), threshold),
                "MaM": aggregate_correlations(list(zip(reference, marginal)), threshold)}
