@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Callable, Iterable
@@ -123,6 +124,8 @@ class Trainer:
         bar = tqdm(total=total, initial=self.step, desc="train", disable=not self.dist.is_main, dynamic_ncols=True)
         running, micro, log_every = defaultdict(float), 0, self.cfg.get("log_every", 50)
         ckpt_every, eval_every = self.cfg.get("checkpoint_every"), self.cfg.get("eval_every")
+        max_minutes = self.cfg.get("max_minutes")
+        deadline = time.monotonic() + 60 * max_minutes if max_minutes else float("inf")
         self.model.train()
         while self.epoch < self.cfg.n_epochs and self.step < total:
             if self.batch_in_epoch == 0:
@@ -158,6 +161,9 @@ class Trainer:
                     self.save()
                 if eval_every and self.evaluate and self.step % eval_every == 0 and self.dist.is_main:
                     self._run_evaluation()
+                if time.monotonic() > deadline:  # wall-clock budget (train.max_minutes); every rank checks its own clock
+                    log.info("train.max_minutes=%s reached at step %d", max_minutes, self.step)
+                    total = self.step
             if self.batch_in_epoch >= usable:
                 self.epoch, self.batch_in_epoch = self.epoch + 1, 0
         bar.close()
