@@ -9,6 +9,7 @@ import torch
 from .. import arm
 from ..experiment import (Experiment, batched, bits, make_optimizer, read_score_input, setup, write_score_output)
 from ..nets import build_backbone
+from ..runtime import maybe_compile
 from ..trainer import Trainer, epoch_batches, num_epoch_batches
 from .common import checkpoint_meta, load_data, net_from_checkpoint, resolve_checkpoint, save_samples
 
@@ -51,7 +52,7 @@ def train(exp: Experiment, dataset) -> None:
     cfg = exp.cfg
     net = build_backbone(cfg.arch, dataset.num_classes, dataset.num_positions, dataset.image_shape).to(exp.device)
     log.info("backbone %s: %.2fM parameters", cfg.arch.name, sum(p.numel() for p in net.parameters()) / 1e6)
-    objective = AOARMObjective(net)
+    objective = AOARMObjective(maybe_compile(net, cfg.compile))  # the trainer saves the uncompiled module
     val_rows = first_rows(dataset.val, cfg.eval.val_examples)
 
     trainer = Trainer(

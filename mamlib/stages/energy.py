@@ -21,7 +21,7 @@ from ..marginal import log_marginal, normalized_log_marginal, self_consistency_r
 from ..nets import build_backbone
 from ..orders import fixed_order
 from ..plots import save_histograms, save_image_grid
-from ..runtime import synchronize
+from ..runtime import maybe_compile, synchronize
 from ..trainer import Trainer
 from .common import checkpoint_meta, molecule_smiles, net_from_checkpoint, resolve_checkpoint, validity_uniqueness
 
@@ -176,7 +176,7 @@ def is_mam(cfg) -> bool:
 def train(exp: Experiment, target, info) -> None:
     cfg = exp.cfg
     net = build_backbone(cfg.arch, info["K"], info["D"], marginal=is_mam(cfg)).to(exp.device)
-    objective = (MaMEnergyObjective if is_mam(cfg) else ARMEnergyObjective)(net, target, cfg, exp.device)
+    objective = (MaMEnergyObjective if is_mam(cfg) else ARMEnergyObjective)(maybe_compile(net, cfg.compile), target, cfg, exp.device)
     groups = [{"params": list(net.parameters())}]
     extra = []
     if objective.log_z is not None and objective.log_z.requires_grad:

@@ -18,7 +18,7 @@ from ..experiment import Experiment, batched, bits, make_optimizer, read_score_i
 from ..marginal import normalized_log_marginal, self_consistency_loss
 from ..orders import random_order
 from ..plots import save_image_grid, save_scatter
-from ..runtime import synchronize
+from ..runtime import maybe_compile, synchronize
 from ..trainer import Trainer, epoch_batches, num_epoch_batches
 from .ao_arm import first_rows
 from .common import checkpoint_meta, load_data, net_from_checkpoint, resolve_checkpoint, save_samples
@@ -106,7 +106,7 @@ def train(exp: Experiment, dataset) -> None:
     trainable = [p for p in net.parameters() if p.requires_grad]
     log.info("stage 2: %.2fM trainable of %.2fM parameters", sum(p.numel() for p in trainable) / 1e6,
              sum(p.numel() for p in net.parameters()) / 1e6)
-    objective = MarginalObjective(net, cfg, dataset, exp.device)
+    objective = MarginalObjective(maybe_compile(net, cfg.compile), cfg, dataset, exp.device)
     val_rows = first_rows(dataset.val, cfg.eval.val_examples)
     trainer = Trainer(
         train_cfg=cfg.train, model=net, objective=objective, optimizer=make_optimizer(trainable, cfg.train),
