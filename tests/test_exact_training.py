@@ -45,7 +45,7 @@ def trained(tmp_path_factory):
     ao_arm.run(config("ao_arm_seq", data + ARCH + COMMON + ["train.batch_size=128", "train.max_steps=500", "train.lr=3e-3"]),
                run_dir=work / "stage1")
     stage1 = work / "stage1" / "checkpoints" / "last.pt"
-    mam_mle.run(config("mam_seq", data + COMMON + ["load_pretrain=True", f"loadpath_pretrain={stage1}", "train.batch_size=128",
+    mam_mle.run(config("mam_seq", data + COMMON + ["arch.marginal_hidden=64", "load_pretrain=True", f"loadpath_pretrain={stage1}", "train.batch_size=128",
                                                   "train.max_steps=800", "train.lr=3e-3"]), run_dir=work / "stage2")
     return work, log_joint, states
 

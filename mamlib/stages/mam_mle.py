@@ -226,7 +226,12 @@ def conditional_template(exp: Experiment, dataset) -> tuple[torch.Tensor, torch.
     cfg = exp.cfg.generate
     D = dataset.num_positions
     if dataset.kind == "molecule":
-        x = torch.as_tensor(dataset.encode(cfg.molecule), dtype=torch.long).unsqueeze(0)
+        string = cfg.molecule
+        if dataset.padding_symbol == "[nop]":  # a SELFIES dataset: the template is given as SMILES
+            import selfies
+
+            string = selfies.encoder(string)
+        x = torch.as_tensor(dataset.encode(string), dtype=torch.long).unsqueeze(0)
         observed = torch.ones_like(x, dtype=torch.bool)
         observed[:, cfg.start:cfg.end] = False
         return x, observed, f"{cfg.molecule} with positions {cfg.start}:{cfg.end} masked"
