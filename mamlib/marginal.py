@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import torch
 
-from .arm import conditional_log_probs
 from .orders import index_at, observed_before, random_order
 
 

@@ -160,7 +160,7 @@ class Trainer:
                 if ckpt_every and self.step % ckpt_every == 0:
                     self.save()
                 if eval_every and self.evaluate and self.step % eval_every == 0 and self.dist.is_main:
-                    self._run_evaluation()
+                    self.run_evaluation()
                 if time.monotonic() > deadline:  # wall-clock budget (train.max_minutes); every rank checks its own clock
                     log.info("train.max_minutes=%s reached at step %d", max_minutes, self.step)
                     total = self.step
@@ -170,7 +170,7 @@ class Trainer:
         self.save()
         return self.step
 
-    def _run_evaluation(self) -> None:
+    def run_evaluation(self) -> None:
         self.model.eval()
         with torch.no_grad():
             metrics = self.evaluate(self.step)

@@ -59,7 +59,7 @@ def main() -> None:
         f"chain rule {generation['unconditional']['mean_log_chain_rule']:.1f} nats)", "",
         f"Conditional (top half completed from the bottom half): template ![]({rel(stage2 / 'conditional_template.png')}) "
         f"samples ![]({rel(stage2 / 'samples_conditional.png')})", "",
-        f"## MaM vs AO-ARM-E log-likelihoods", "", f"![]({rel(stage2 / 'scatter_mam_vs_aoarm_e.png')})", "",
+        "## MaM vs AO-ARM-E log-likelihoods", "", f"![]({rel(stage2 / 'scatter_mam_vs_aoarm_e.png')})", "",
         "## Training curves", "", f"Stage 1: ![]({rel(stage1 / 'training_curves.png')})",
         f"Stage 2: ![]({rel(stage2 / 'training_curves.png')})", "",
         "## Wall-clock time (s)", "", "| phase | seconds |", "|---|---|",

@@ -1,7 +1,6 @@
 """A short MaM-KL run on a 3x3 Ising lattice, checked against the exact target (512 states)."""
 from pathlib import Path
 
-import pytest
 import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf

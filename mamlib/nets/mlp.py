@@ -1,7 +1,6 @@
 """Residual MLPs on one-hot inputs (energy-based tasks): a conditional MLP and an optional marginal MLP."""
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 from torch import nn
 

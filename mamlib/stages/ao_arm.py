@@ -7,11 +7,10 @@ import math
 import torch
 
 from .. import arm
-from ..experiment import (Experiment, batched, bits, make_optimizer, read_score_input, setup, write_score_output)
+from ..experiment import Experiment, batched, bits, make_optimizer, read_score_input, write_score_output
 from ..nets import build_backbone
 from ..runtime import maybe_compile
-from ..trainer import Trainer, epoch_batches, num_epoch_batches
-from .common import checkpoint_meta, load_data, net_from_checkpoint, resolve_checkpoint, save_samples
+from .common import checkpoint_meta, fit_on_data, load_data, load_trained, run_modes, save_samples
 
 log = logging.getLogger("mamlib")
 KIND = "ao_arm"
@@ -55,36 +54,16 @@ def train(exp: Experiment, dataset) -> None:
     objective = AOARMObjective(maybe_compile(net, cfg.compile))  # the trainer saves the uncompiled module
     val_rows = first_rows(dataset.val, cfg.eval.val_examples)
 
-    trainer = Trainer(
-        train_cfg=cfg.train, model=net, objective=objective, optimizer=make_optimizer(net.parameters(), cfg.train),
-        batches=lambda epoch, start: epoch_batches(dataset.train, cfg.train.batch_size, epoch, cfg.seed, exp.dist, start),
-        batches_per_epoch=num_epoch_batches(dataset.train, cfg.train.batch_size, exp.dist), run_dir=exp.run_dir,
-        device=exp.device, dist_info=exp.dist, logger=exp.logger,
-        checkpoint_meta=checkpoint_meta(KIND, exp, dataset.describe(), cfg.arch, has_marginal=False),
-        evaluate=lambda step: {"bpd_one_step": one_step_bpd(net, val_rows, cfg.eval.batch_size, exp.device)})
-    if cfg.resume:
-        trainer.resume()
-    trainer.fit()
-    if exp.dist.is_main:
-        net.eval()
-        with torch.no_grad():
-            final = one_step_bpd(net, val_rows, cfg.eval.batch_size, exp.device)
-        exp.logger.log({"val/bpd_one_step": final}, trainer.step)
-        log.info("finished at step %d; validation one-step estimate %.4f bits/dim", trainer.step, final)
-
-
-def load_trained(exp: Experiment, dataset):
-    net, payload, _ = net_from_checkpoint(resolve_checkpoint(exp), (KIND,), dataset.describe(), exp.device,
-                                          image_shape=dataset.image_shape)
-    net.eval()
-    return net
+    fit_on_data(exp, dataset, net, objective, make_optimizer(net.parameters(), cfg.train),
+                checkpoint_meta(KIND, exp, dataset.describe(), cfg.arch, has_marginal=False),
+                evaluate=lambda step: {"bpd_one_step": one_step_bpd(net, val_rows, cfg.eval.batch_size, exp.device)})
 
 
 @torch.no_grad()
 def evaluate(exp: Experiment, dataset) -> dict:
     """Test NLL: chain rule along ``eval.mc_ll`` random orders, combined by log-mean-exp."""
     cfg = exp.cfg
-    net = load_trained(exp, dataset)
+    net = load_trained(exp, dataset, KIND)
     rows = first_rows(dataset.test, cfg.eval.num_examples)
     full = torch.ones_like(rows, dtype=torch.bool)
     log_probs = batched(lambda x, m: arm.ensemble_log_prob(net, x, cfg.eval.mc_ll, m, cfg.eval.steps_per_pass),
@@ -101,7 +80,7 @@ def evaluate(exp: Experiment, dataset) -> dict:
 @torch.no_grad()
 def generate(exp: Experiment, dataset) -> dict:
     cfg = exp.cfg
-    net = load_trained(exp, dataset)
+    net = load_trained(exp, dataset, KIND)
     batches = []
     for start in range(0, cfg.generate.num_samples, cfg.generate.batch_size):
         count = min(cfg.generate.batch_size, cfg.generate.num_samples - start)
@@ -115,7 +94,7 @@ def generate(exp: Experiment, dataset) -> dict:
 @torch.no_grad()
 def score(exp: Experiment, dataset) -> None:
     cfg = exp.cfg
-    net = load_trained(exp, dataset)
+    net = load_trained(exp, dataset, KIND)
     x, observed = read_score_input(cfg.score.input, dataset.num_positions, dataset.num_classes)
     log_probs = batched(lambda rows, mask: arm.ensemble_log_prob(net, rows, cfg.score.orders, mask, cfg.eval.steps_per_pass),
                         x, observed, cfg.eval.batch_size, exp.device, desc="score")
@@ -127,11 +106,4 @@ MODES = {"train": train, "eval": evaluate, "generate": generate, "score": score}
 
 
 def run(cfg, run_dir=None):
-    if cfg.mode not in MODES:
-        raise ValueError(f"mode={cfg.mode!r} is unknown for stage 1; use one of {sorted(MODES)}")
-    exp = setup(cfg, run_dir)
-    try:
-        dataset = load_data(exp)
-        return MODES[cfg.mode](exp, dataset)
-    finally:
-        exp.logger.close()
+    return run_modes(cfg, run_dir, MODES, "stage 1", lambda exp: (load_data(exp),))

@@ -9,8 +9,9 @@ import torch
 from omegaconf import OmegaConf
 
 from ..checkpoint import check_same_data, load_checkpoint, load_model_state
-from ..experiment import Experiment, config_dict
+from ..experiment import Experiment, config_dict, setup
 from ..nets import build_backbone
+from ..trainer import Trainer, epoch_batches, num_epoch_batches
 
 log = logging.getLogger("mamlib")
 
@@ -102,3 +103,37 @@ def resolve_checkpoint(exp: Experiment) -> Path:
         raise FileNotFoundError(f"no checkpoint at {path}: pass loadpath=<run dir>/checkpoints/last.pt of a trained run "
                                 "(or run with mode=train first, with the same hydra.run.dir)")
     return Path(path)
+
+
+def fit_on_data(exp: Experiment, dataset, net, objective, optimizer, meta: dict, evaluate) -> Trainer:
+    """Train on ``dataset.train`` (resuming if asked), then evaluate once more on the main process."""
+    cfg = exp.cfg
+    trainer = Trainer(
+        train_cfg=cfg.train, model=net, objective=objective, optimizer=optimizer,
+        batches=lambda epoch, start: epoch_batches(dataset.train, cfg.train.batch_size, epoch, cfg.seed, exp.dist, start),
+        batches_per_epoch=num_epoch_batches(dataset.train, cfg.train.batch_size, exp.dist), run_dir=exp.run_dir,
+        device=exp.device, dist_info=exp.dist, logger=exp.logger, checkpoint_meta=meta, evaluate=evaluate)
+    if cfg.resume:
+        trainer.resume()
+    trainer.fit()
+    if exp.dist.is_main:
+        trainer.run_evaluation()
+    return trainer
+
+
+def load_trained(exp: Experiment, dataset, kind: str):
+    """The run's (or ``loadpath=``) checkpoint of this stage, in eval mode."""
+    net, _, _ = net_from_checkpoint(resolve_checkpoint(exp), (kind,), dataset.describe(), exp.device,
+                                    image_shape=getattr(dataset, "image_shape", None))
+    return net.eval()
+
+
+def run_modes(cfg, run_dir, modes: dict, what: str, prepare):
+    """Check ``mode``, set the run up, call ``modes[mode](exp, *prepare(exp))`` and always close the logger."""
+    if cfg.mode not in modes:
+        raise ValueError(f"mode={cfg.mode!r} is unknown for {what}; use one of {sorted(modes)}")
+    exp = setup(cfg, run_dir)
+    try:
+        return modes[cfg.mode](exp, *prepare(exp))
+    finally:
+        exp.logger.close()

@@ -16,14 +16,14 @@ from omegaconf import OmegaConf
 
 from .. import arm
 from ..evaluation import time_callable, write_report
-from ..experiment import Experiment, batched, bits, make_optimizer, read_score_input, setup, write_score_output
+from ..experiment import Experiment, batched, bits, make_optimizer, read_score_input, write_score_output
 from ..marginal import log_marginal, normalized_log_marginal, self_consistency_residual
 from ..nets import build_backbone
 from ..orders import fixed_order
 from ..plots import save_histograms, save_image_grid
 from ..runtime import maybe_compile, synchronize
 from ..trainer import Trainer
-from .common import checkpoint_meta, molecule_smiles, net_from_checkpoint, resolve_checkpoint, validity_uniqueness
+from .common import checkpoint_meta, net_from_checkpoint, resolve_checkpoint, run_modes, validity_uniqueness
 
 log = logging.getLogger("mamlib")
 KIND = "energy"
@@ -141,7 +141,7 @@ class ARMEnergyObjective:
         pass
 
     def loss(self, batch):
-        cfg, D = self.cfg, self.net.num_positions
+        cfg = self.cfg
         order = self.order(cfg.train.batch_size)
         self.net.eval()
         samples = arm.sample_unconditional(self.net, cfg.train.batch_size, order=order, device=self.device)
@@ -343,11 +343,4 @@ MODES = {"train": train, "evaluate": evaluate, "generate": generate, "score": sc
 
 
 def run(cfg, run_dir=None):
-    if cfg.mode not in MODES:
-        raise ValueError(f"mode={cfg.mode!r} is unknown for energy-based training; use one of {sorted(MODES)}")
-    exp = setup(cfg, run_dir)
-    try:
-        target, info = build_target(exp)
-        return MODES[cfg.mode](exp, target, info)
-    finally:
-        exp.logger.close()
+    return run_modes(cfg, run_dir, MODES, "energy-based training", build_target)

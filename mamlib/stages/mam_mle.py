@@ -5,7 +5,6 @@ Modes: train, eval (paper-style table), generate (unconditional + conditional), 
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import torch
@@ -14,14 +13,13 @@ from omegaconf import OmegaConf
 from .. import arm
 from ..checkpoint import CheckpointError
 from ..evaluation import aggregate_correlations, correlation_summary, time_callable, write_report
-from ..experiment import Experiment, batched, bits, make_optimizer, read_score_input, setup, write_score_output
+from ..experiment import Experiment, batched, bits, make_optimizer, read_score_input, write_score_output
 from ..marginal import normalized_log_marginal, self_consistency_loss
 from ..orders import random_order
 from ..plots import save_image_grid, save_scatter
 from ..runtime import maybe_compile, synchronize
-from ..trainer import Trainer, epoch_batches, num_epoch_batches
 from .ao_arm import first_rows
-from .common import checkpoint_meta, load_data, net_from_checkpoint, resolve_checkpoint, save_samples
+from .common import checkpoint_meta, fit_on_data, load_data, load_trained, net_from_checkpoint, run_modes, save_samples
 
 log = logging.getLogger("mamlib")
 KIND = "mam"
@@ -108,29 +106,10 @@ def train(exp: Experiment, dataset) -> None:
              sum(p.numel() for p in net.parameters()) / 1e6)
     objective = MarginalObjective(maybe_compile(net, cfg.compile), cfg, dataset, exp.device)
     val_rows = first_rows(dataset.val, cfg.eval.val_examples)
-    trainer = Trainer(
-        train_cfg=cfg.train, model=net, objective=objective, optimizer=make_optimizer(trainable, cfg.train),
-        batches=lambda epoch, start: epoch_batches(dataset.train, cfg.train.batch_size, epoch, cfg.seed, exp.dist, start),
-        batches_per_epoch=num_epoch_batches(dataset.train, cfg.train.batch_size, exp.dist), run_dir=exp.run_dir,
-        device=exp.device, dist_info=exp.dist, logger=exp.logger,
-        checkpoint_meta={**checkpoint_meta(KIND, exp, dataset.describe(), OmegaConf.create(stage1["arch"]), has_marginal=True),
-                         "stage1_checkpoint": str(cfg.loadpath_pretrain)},
-        evaluate=lambda step: validation_metrics(net, val_rows, cfg.eval.batch_size, exp.device))
-    if cfg.resume:
-        trainer.resume()
-    trainer.fit()
-    if exp.dist.is_main:
-        net.eval()
-        final = validation_metrics(net, val_rows, cfg.eval.batch_size, exp.device)
-        exp.logger.log({f"val/{k}": v for k, v in final.items()}, trainer.step)
-        log.info("finished at step %d: %s", trainer.step, final)
-
-
-def load_trained(exp: Experiment, dataset):
-    net, payload, _ = net_from_checkpoint(resolve_checkpoint(exp), (KIND,), dataset.describe(), exp.device,
-                                          image_shape=dataset.image_shape)
-    net.eval()
-    return net
+    meta = {**checkpoint_meta(KIND, exp, dataset.describe(), OmegaConf.create(stage1["arch"]), has_marginal=True),
+            "stage1_checkpoint": str(cfg.loadpath_pretrain)}
+    fit_on_data(exp, dataset, net, objective, make_optimizer(trainable, cfg.train), meta,
+                evaluate=lambda step: validation_metrics(net, val_rows, cfg.eval.batch_size, exp.device))
 
 
 # -- evaluation ------------------------------------------------------------------------------------
@@ -158,7 +137,7 @@ def quality_groups(exp: Experiment, net, dataset):
 @torch.no_grad()
 def evaluate(exp: Experiment, dataset) -> dict:
     cfg = exp.cfg
-    net = load_trained(exp, dataset)
+    net = load_trained(exp, dataset, KIND)
     D, device, batch_size = dataset.num_positions, exp.device, cfg.eval.batch_size
 
     # 1. test NLL: conditionals (as the paper reports MaM) and marginal network.
@@ -249,7 +228,7 @@ def conditional_template(exp: Experiment, dataset) -> tuple[torch.Tensor, torch.
 @torch.no_grad()
 def generate(exp: Experiment, dataset) -> dict:
     cfg = exp.cfg
-    net = load_trained(exp, dataset)
+    net = load_trained(exp, dataset, KIND)
     count, device = cfg.generate.num_samples, exp.device
     unconditional = arm.sample_unconditional(net, count, temperature=cfg.generate.temperature, device=device)
     x, observed, description = conditional_template(exp, dataset)
@@ -275,7 +254,7 @@ def generate(exp: Experiment, dataset) -> dict:
 @torch.no_grad()
 def score(exp: Experiment, dataset) -> None:
     cfg = exp.cfg
-    net = load_trained(exp, dataset)
+    net = load_trained(exp, dataset, KIND)
     x, observed = read_score_input(cfg.score.input, dataset.num_positions, dataset.num_classes)
     if cfg.score.network == "marginal":
         function = lambda rows, mask: normalized_log_marginal(net, rows, mask)
@@ -292,10 +271,4 @@ MODES = {"train": train, "eval": evaluate, "generate": generate, "score": score}
 
 
 def run(cfg, run_dir=None):
-    if cfg.mode not in MODES:
-        raise ValueError(f"mode={cfg.mode!r} is unknown for stage 2; use one of {sorted(MODES)}")
-    exp = setup(cfg, run_dir)
-    try:
-        return MODES[cfg.mode](exp, load_data(exp))
-    finally:
-        exp.logger.close()
+    return run_modes(cfg, run_dir, MODES, "stage 2", lambda exp: (load_data(exp),))
