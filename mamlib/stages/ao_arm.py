@@ -7,10 +7,10 @@ import math
 import torch
 
 from .. import arm
-from ..experiment import Experiment, batched, bits, make_optimizer, read_score_input, write_score_output
+from ..experiment import Experiment, batched, bits, make_optimizer
 from ..nets import build_backbone
 from ..runtime import maybe_compile
-from .common import checkpoint_meta, fit_on_data, load_data, load_trained, run_modes, save_samples
+from .common import checkpoint_meta, fit_on_data, load_data, load_trained, run_modes, save_samples, score_file
 
 log = logging.getLogger("mamlib")
 KIND = "ao_arm"
@@ -95,11 +95,9 @@ def generate(exp: Experiment, dataset) -> dict:
 def score(exp: Experiment, dataset) -> None:
     cfg = exp.cfg
     net = load_trained(exp, dataset, KIND)
-    x, observed = read_score_input(cfg.score.input, dataset.num_positions, dataset.num_classes)
-    log_probs = batched(lambda rows, mask: arm.ensemble_log_prob(net, rows, cfg.score.orders, mask, cfg.eval.steps_per_pass),
-                        x, observed, cfg.eval.batch_size, exp.device, desc="score")
-    path = write_score_output(cfg.score.output, log_probs.numpy())
-    log.info("wrote %d log-probabilities to %s", len(log_probs), path)
+    score_file(exp, dataset.num_positions, dataset.num_classes,
+               lambda rows, mask: arm.ensemble_log_prob(net, rows, cfg.score.orders, mask, cfg.eval.steps_per_pass),
+               f"chain rule, {cfg.score.orders} orders")
 
 
 MODES = {"train": train, "eval": evaluate, "generate": generate, "score": score}

@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ..checkpoint import check_same_data, load_checkpoint, load_model_state
-from ..experiment import Experiment, config_dict, setup
+from ..experiment import Experiment, batched, config_dict, read_score_input, setup, write_score_output
 from ..nets import build_backbone
 from ..trainer import Trainer, epoch_batches, num_epoch_batches
 
@@ -103,6 +103,14 @@ def resolve_checkpoint(exp: Experiment) -> Path:
         raise FileNotFoundError(f"no checkpoint at {path}: pass loadpath=<run dir>/checkpoints/last.pt of a trained run "
                                 "(or run with mode=train first, with the same hydra.run.dir)")
     return Path(path)
+
+
+def score_file(exp: Experiment, num_positions: int, num_classes: int, function, what: str) -> None:
+    """The score contract: ``score.input`` (M, D) ints with -1 = missing -> ``score.output`` float64 (M,) log-probabilities."""
+    x, observed = read_score_input(exp.cfg.score.input, num_positions, num_classes)
+    log_probs = batched(function, x, observed, exp.cfg.eval.batch_size, exp.device, desc="score")
+    path = write_score_output(exp.cfg.score.output, log_probs.numpy())
+    log.info("wrote %d log-probabilities (%s) to %s", len(log_probs), what, path)
 
 
 def fit_on_data(exp: Experiment, dataset, net, objective, optimizer, meta: dict, evaluate) -> Trainer:

@@ -16,14 +16,14 @@ from omegaconf import OmegaConf
 
 from .. import arm
 from ..evaluation import time_callable, write_report
-from ..experiment import Experiment, batched, bits, make_optimizer, read_score_input, write_score_output
+from ..experiment import Experiment, batched, bits, make_optimizer
 from ..marginal import log_marginal, normalized_log_marginal, self_consistency_residual
 from ..nets import build_backbone
 from ..orders import fixed_order
 from ..plots import save_histograms, save_image_grid
 from ..runtime import maybe_compile, synchronize
 from ..trainer import Trainer
-from .common import checkpoint_meta, net_from_checkpoint, resolve_checkpoint, run_modes, validity_uniqueness
+from .common import checkpoint_meta, net_from_checkpoint, resolve_checkpoint, run_modes, score_file, validity_uniqueness
 
 log = logging.getLogger("mamlib")
 KIND = "energy"
@@ -314,7 +314,6 @@ def generate(exp: Experiment, target, info) -> dict:
 def score(exp: Experiment, target, info) -> None:
     cfg = exp.cfg
     net, mam_model = load_trained(exp, info)
-    x, observed = read_score_input(cfg.score.input, info["D"], info["K"])
     if cfg.score.network == "marginal":
         if not mam_model:
             raise ValueError("score.network=marginal needs a MAM checkpoint; this one is an ARM (use score.network=conditional)")
@@ -325,8 +324,7 @@ def score(exp: Experiment, target, info) -> None:
         function = lambda rows, mask: arm_prefix_log_prob(exp, net, rows, mask)
     else:
         raise ValueError(f"score.network={cfg.score.network!r} is unknown; use marginal or conditional")
-    values = batched(function, x, observed, cfg.eval.batch_size, exp.device, desc="score")
-    write_score_output(cfg.score.output, values.numpy())
+    score_file(exp, info["D"], info["K"], function, f"{cfg.score.network} network")
 
 
 def arm_prefix_log_prob(exp, net, x, observed_mask):

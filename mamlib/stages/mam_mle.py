@@ -13,13 +13,13 @@ from omegaconf import OmegaConf
 from .. import arm
 from ..checkpoint import CheckpointError
 from ..evaluation import aggregate_correlations, correlation_summary, time_callable, write_report
-from ..experiment import Experiment, batched, bits, make_optimizer, read_score_input, write_score_output
+from ..experiment import Experiment, batched, bits, make_optimizer
 from ..marginal import normalized_log_marginal, self_consistency_loss
 from ..orders import random_order
 from ..plots import save_image_grid, save_scatter
 from ..runtime import maybe_compile, synchronize
 from .ao_arm import first_rows
-from .common import checkpoint_meta, fit_on_data, load_data, load_trained, net_from_checkpoint, run_modes, save_samples
+from .common import checkpoint_meta, fit_on_data, load_data, load_trained, net_from_checkpoint, run_modes, save_samples, score_file
 
 log = logging.getLogger("mamlib")
 KIND = "mam"
@@ -259,16 +259,13 @@ def generate(exp: Experiment, dataset) -> dict:
 def score(exp: Experiment, dataset) -> None:
     cfg = exp.cfg
     net = load_trained(exp, dataset, KIND)
-    x, observed = read_score_input(cfg.score.input, dataset.num_positions, dataset.num_classes)
     if cfg.score.network == "marginal":
         function = lambda rows, mask: normalized_log_marginal(net, rows, mask)
     elif cfg.score.network == "conditional":
         function = lambda rows, mask: arm.ensemble_log_prob(net, rows, cfg.score.orders, mask, cfg.eval.steps_per_pass)
     else:
         raise ValueError(f"score.network={cfg.score.network!r} is unknown; use marginal or conditional")
-    log_probs = batched(function, x, observed, cfg.eval.batch_size, exp.device, desc="score")
-    path = write_score_output(cfg.score.output, log_probs.numpy())
-    log.info("wrote %d log-probabilities (%s network) to %s", len(log_probs), cfg.score.network, path)
+    score_file(exp, dataset.num_positions, dataset.num_classes, function, f"{cfg.score.network} network")
 
 
 MODES = {"train": train, "eval": evaluate, "generate": generate, "score": score}
