@@ -274,7 +274,10 @@ def plot_samples(exp: Experiment, target, samples: torch.Tensor, stem: str) -> d
                         exp.run_dir / f"{stem}_log_f_hist.png", title="log f(x) of samples", xlabel="log f(x)")
         height = ising.dim
         save_image_grid(samples[:100].view(-1, height, samples.shape[1] // height).float(), exp.run_dir / f"{stem}_lattices.png")
-        return {}
+        truth_log_f = target.log_f(truth).double().numpy()
+        return {"log_f_mean": float(log_f.mean()), "log_f_std": float(log_f.std()),
+                "ground_truth_log_f_mean": float(truth_log_f.mean()), "ground_truth_log_f_std": float(truth_log_f.std()),
+                "magnetization": float((2 * samples.double() - 1).mean())}
     properties = target.properties(samples)
     save_histograms({f"model samples ({cfg.metric_name})": properties}, exp.run_dir / f"{stem}_property_hist.png",
                     title=f"{cfg.metric_name}, target {cfg.target_value}, tau {cfg.tau}", xlabel=cfg.metric_name)
