@@ -29,7 +29,7 @@ class RunLogger:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if mode != "disabled":
-            os.environ.setdefault("WANDB_DIR", str(self.run_dir))
+            # keep wandb's caches out of ~/.cache unless the user chose a place (the run itself goes to dir= below)
             os.environ.setdefault("WANDB_CACHE_DIR", str(self.run_dir / "wandb" / "cache"))
             os.environ.setdefault("WANDB_SILENT", "true")
             import wandb
