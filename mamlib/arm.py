@@ -32,13 +32,7 @@ def aoarm_loss(net, x, generator: torch.Generator | None = None) -> tuple[torch.
     estimate of the negative order-averaged log-likelihood per dimension (nats).
     Returns (scalar loss, per-example nats/dim).
     """
-    batch, dim = x.shape
-    rank = random_order(batch, dim, device=x.device, generator=generator)
-    step = torch.randint(0, dim, (batch,), device=x.device, generator=generator)
-    observed = observed_before(rank, step)
-    log_p = value_log_probs(conditional_log_probs(net, x, observed), x)
-    unobserved = (~observed).float()
-    per_example = -(log_p * unobserved).sum(1) / unobserved.sum(1)
+    per_example = -one_step_mean_log_prob(net, x, generator=generator)
     return per_example.mean(), per_example.detach()
 
 

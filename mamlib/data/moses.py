@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import DiscreteDataset, save_npy_atomic, tensor_dataset, write_json_atomic
-from .fetch import DataSourceError, pip_download_wheel
+from .fetch import fetch_or_explain, pip_download_wheel
 
 MOLSETS_REQUIREMENT = "molsets==0.3.1"
 WHEEL_PATTERN = "molsets-0.3.1-*.whl"
@@ -43,12 +43,8 @@ def find_or_fetch_wheel(folder: Path, download: bool = True) -> Path:
     fix = (f"Fix: on a machine with PyPI access run `python -m pip download --no-deps {MOLSETS_REQUIREMENT} -d {folder}` "
            f"(or copy molsets-0.3.1-py3-none-any.whl into {folder}/). Installing molsets is not needed "
            "and does not work on current Python; only its wheel file is read.")
-    if not download:
-        raise DataSourceError(f"no {WHEEL_PATTERN} in {folder} and download=false.\n{fix}")
-    try:
-        return pip_download_wheel(MOLSETS_REQUIREMENT, folder)
-    except DataSourceError as error:
-        raise DataSourceError(f"{error}\n{fix}") from error
+    return fetch_or_explain(lambda: pip_download_wheel(MOLSETS_REQUIREMENT, folder), f"no {WHEEL_PATTERN} in {folder}",
+                            download, fix)
 
 
 def read_moses_smiles(wheel: str | Path, source_split: str) -> list[str]:

@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import logging
-import math
 
 import torch
 
 from .. import arm
-from ..experiment import Experiment, batched, bits, make_optimizer
+from ..evaluation import bits_per_dim
+from ..experiment import Experiment, batched, make_optimizer
 from ..nets import build_backbone
 from ..runtime import maybe_compile
 from .common import checkpoint_meta, fit_on_data, load_data, load_trained, run_modes, save_samples, score_file
@@ -22,7 +22,7 @@ class AOARMObjective:
 
     def loss(self, batch):
         loss, nats_per_dim = arm.aoarm_loss(self.net, batch)
-        return loss, {"bpd_bound": nats_per_dim.mean().item() / math.log(2)}
+        return loss, {"bpd_bound": float(bits_per_dim(-nats_per_dim.mean().item(), 1))}
 
     def on_epoch_start(self, epoch: int) -> None:
         pass
@@ -44,7 +44,7 @@ def one_step_bpd(net, rows: torch.Tensor, batch_size: int, device) -> float:
     total = 0.0
     for start in range(0, len(rows), batch_size):
         total += arm.one_step_log_prob(net, rows[start:start + batch_size].to(device)).sum().item()
-    return -total / (len(rows) * rows.shape[1] * math.log(2))
+    return float(bits_per_dim(total / len(rows), rows.shape[1]))
 
 
 def train(exp: Experiment, dataset) -> None:
@@ -69,8 +69,9 @@ def evaluate(exp: Experiment, dataset) -> dict:
     log_probs = batched(lambda x, m: arm.ensemble_log_prob(net, x, cfg.eval.mc_ll, m, cfg.eval.steps_per_pass),
                         rows, full, cfg.eval.batch_size, exp.device, desc="test NLL")
     nats = -log_probs.mean().item() / dataset.num_positions
+    bpd = float(bits_per_dim(log_probs.mean().item(), dataset.num_positions))
     metrics = {"dataset": dataset.name, "num_examples": len(rows), "orders": cfg.eval.mc_ll,
-               "nll_nats_per_dim": nats, "nll_bits_per_dim": bits(nats), "nll_nats_per_example": -log_probs.mean().item()}
+               "nll_nats_per_dim": nats, "nll_bits_per_dim": bpd, "nll_nats_per_example": -log_probs.mean().item()}
     exp.write_json("metrics.json", metrics)
     exp.logger.log({f"test/{k}": v for k, v in metrics.items() if isinstance(v, float)}, 0)
     log.info("test NLL %.4f bits/dim over %d examples (%d orders)", metrics["nll_bits_per_dim"], len(rows), cfg.eval.mc_ll)

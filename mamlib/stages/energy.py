@@ -15,8 +15,8 @@ import torch
 from omegaconf import OmegaConf
 
 from .. import arm
-from ..evaluation import time_callable, write_report
-from ..experiment import Experiment, batched, bits, make_optimizer
+from ..evaluation import bits_per_dim, time_callable, write_report
+from ..experiment import Experiment, batched, make_optimizer
 from ..marginal import log_marginal, normalized_log_marginal, self_consistency_residual
 from ..nets import build_backbone
 from ..orders import fixed_order
@@ -229,9 +229,9 @@ def evaluate(exp: Experiment, target, info) -> dict:
         ising = cfg.ising_model
         truth = target.ground_truth_samples(exp.data_dir, num_chains=ising.n_samples, num_steps=ising.gt_steps, seed=ising.gt_seed)
         mask = torch.ones_like(truth, dtype=torch.bool)
-        row["NLL conditional (bpd)"] = bits(-batched(chain, truth, mask, batch_size, device).mean().item() / D)
+        row["NLL conditional (bpd)"] = float(bits_per_dim(batched(chain, truth, mask, batch_size, device).mean().item(), D))
         if mam_model:
-            row["NLL marginal (bpd)"] = bits(-batched(marginal, truth, mask, batch_size, device).mean().item() / D)
+            row["NLL marginal (bpd)"] = float(bits_per_dim(batched(marginal, truth, mask, batch_size, device).mean().item(), D))
 
     samples = draw_samples(exp, net, cfg.eval.num_samples, mam_model)
     mask = torch.ones_like(samples, dtype=torch.bool)

@@ -12,8 +12,8 @@ from omegaconf import OmegaConf
 
 from .. import arm
 from ..checkpoint import CheckpointError
-from ..evaluation import aggregate_correlations, correlation_summary, time_callable, write_report
-from ..experiment import Experiment, batched, bits, make_optimizer
+from ..evaluation import aggregate_correlations, bits_per_dim, correlation_summary, time_callable, write_report
+from ..experiment import Experiment, batched, make_optimizer
 from ..marginal import normalized_log_marginal, self_consistency_loss
 from ..orders import random_order
 from ..plots import save_image_grid, save_scatter
@@ -95,7 +95,7 @@ def validation_metrics(net, rows: torch.Tensor, batch_size: int, device) -> dict
         _, parts = self_consistency_loss(net, x)
         consistency += parts["consistency"] * len(x)
         marginal_nll -= normalized_log_marginal(net, x, torch.ones_like(x, dtype=torch.bool)).sum().item()
-    return {"consistency": consistency / len(rows), "bpd_marginal": bits(marginal_nll / (len(rows) * rows.shape[1]))}
+    return {"consistency": consistency / len(rows), "bpd_marginal": float(bits_per_dim(-marginal_nll / len(rows), rows.shape[1]))}
 
 
 def train(exp: Experiment, dataset) -> None:
@@ -183,8 +183,8 @@ def evaluate(exp: Experiment, dataset) -> dict:
     table = []
     for model in ("AO-ARM-E", "AO-ARM-S", "MaM"):
         corr = quality.get(model, {"spearman": 1.0, "pearson": 1.0})
-        table.append({"model": model, f"NLL ({unit})": bits(nll[model] / D),
-                      f"NLL marginal net ({unit})": bits(nll_marginal / D) if model == "MaM" else None,
+        table.append({"model": model, f"NLL ({unit})": float(bits_per_dim(-nll[model], D)),
+                      f"NLL marginal net ({unit})": float(bits_per_dim(-nll_marginal, D)) if model == "MaM" else None,
                       "spearman": corr["spearman"], "pearson": corr["pearson"], "time (s)": timings[model]["median"],
                       "time std (s)": timings[model]["std"]})
     results = {"dataset": dataset.name, "num_test_examples": len(rows), "num_groups": len(groups), "orders": cfg.eval.mc_ll,
