@@ -24,15 +24,15 @@ def value_log_probs(log_probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return log_probs.gather(-1, x.unsqueeze(-1)).squeeze(-1)
 
 
-def aoarm_loss(net, x, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def aoarm_loss(net, x, generator: torch.Generator | None = None, order=None, step=None) -> tuple[torch.Tensor, torch.Tensor]:
     """The any-order training objective (original §6.1).
 
     Order sigma and step t ~ U{0..D-1} per example; the loss is the mean over all unobserved positions of
     -log p(x_j | x_sigma(<t)). Its expectation is -ELBO/D, so the returned per-example values are an unbiased
     estimate of the negative order-averaged log-likelihood per dimension (nats).
-    Returns (scalar loss, per-example nats/dim).
+    ``order`` / ``step`` ((B,) 0-based) fix the draws (for exact checks). Returns (scalar loss, per-example nats/dim).
     """
-    per_example = -one_step_mean_log_prob(net, x, generator=generator)
+    per_example = -one_step_mean_log_prob(net, x, order=order, generator=generator, step=step)
     return per_example.mean(), per_example.detach()
 
 
@@ -82,10 +82,11 @@ def ensemble_log_prob(net, x, num_orders: int = 5, observed_mask=None, steps_per
     return combine_orders(per_order_log_probs(net, x, num_orders, observed_mask, steps_per_pass))
 
 
-def _one_step_setup(net, x, order, generator):
+def _one_step_setup(net, x, order, generator, step=None):
     batch, dim = x.shape
     rank = random_order(batch, dim, device=x.device, generator=generator) if order is None else order
-    step = torch.randint(0, dim, (batch,), device=x.device, generator=generator)
+    if step is None:
+        step = torch.randint(0, dim, (batch,), device=x.device, generator=generator)
     observed = observed_before(rank, step)
     return rank, step, observed, conditional_log_probs(net, x, observed)
 
@@ -101,9 +102,9 @@ def one_step_log_prob(net, x, order=None, generator: torch.Generator | None = No
     return x.shape[1] * log_probs[rows, position, x[rows, position]].double()
 
 
-def one_step_mean_log_prob(net, x, order=None, generator: torch.Generator | None = None) -> torch.Tensor:
+def one_step_mean_log_prob(net, x, order=None, generator: torch.Generator | None = None, step=None) -> torch.Tensor:
     """Mean over all unobserved positions of log p(x_j | x_sigma(<t)): a one-pass estimate of log p(x)/D (float32, with grad)."""
-    _, _, observed, log_probs = _one_step_setup(net, x, order, generator)
+    _, _, observed, log_probs = _one_step_setup(net, x, order, generator, step)
     unobserved = (~observed).float()
     return (value_log_probs(log_probs, x) * unobserved).sum(1) / unobserved.sum(1)
 

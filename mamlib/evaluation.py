@@ -89,31 +89,32 @@ def correlation_summary(reference, candidate) -> dict:
 def aggregate_correlations(groups, threshold: float) -> dict:
     """Kept-count-weighted mean correlations over groups of (reference, candidate) log-likelihoods.
 
-    Per group the samples are filtered by :func:`separated_indices` on the reference; groups with
-    fewer than 2 kept samples, or a NaN correlation, are skipped. NaN results when no group counts.
+    Per group the samples are filtered by :func:`separated_indices` on the reference; a group with fewer than 2
+    kept samples, or a NaN correlation (a constant side), has no defined correlation: it is left out of the means
+    and counted in ``num_undefined``. NaN results when no group counts.
     """
     weighted_spearman = weighted_pearson = 0.0
-    num_groups = num_points = 0
+    num_groups = num_points = num_undefined = 0
     for reference, candidate in groups:
         reference = _as_numpy_1d(reference, "reference")
         candidate = _as_numpy_1d(candidate, "candidate")
         kept = separated_indices(reference, threshold)
-        if kept.size < 2:
-            continue
-        summary = correlation_summary(reference[kept], candidate[kept])
-        if math.isnan(summary["spearman"]) or math.isnan(summary["pearson"]):
+        summary = correlation_summary(reference[kept], candidate[kept]) if kept.size >= 2 else None
+        if summary is None or math.isnan(summary["spearman"]) or math.isnan(summary["pearson"]):
+            num_undefined += 1
             continue
         weighted_spearman += summary["spearman"] * summary["n"]
         weighted_pearson += summary["pearson"] * summary["n"]
         num_groups += 1
         num_points += summary["n"]
     if num_points == 0:
-        return {"spearman": math.nan, "pearson": math.nan, "num_groups": 0, "num_points": 0}
+        return {"spearman": math.nan, "pearson": math.nan, "num_groups": 0, "num_points": 0, "num_undefined": num_undefined}
     return {
         "spearman": weighted_spearman / num_points,
         "pearson": weighted_pearson / num_points,
         "num_groups": num_groups,
         "num_points": num_points,
+        "num_undefined": num_undefined,
     }
 
 
@@ -183,15 +184,25 @@ def _json_value(value):
     return str(value)
 
 
-def write_report(rows: list[dict], columns: list[str], run_dir, stem: str = "results") -> tuple[Path, Path]:
+def _json_table(rows: list[dict], columns: list[str]) -> dict:
+    return {"columns": list(columns), "rows": [{key: _json_value(value) for key, value in row.items()} for row in rows]}
+
+
+def write_report(rows: list[dict], columns: list[str], run_dir, stem: str = "results",
+                 extra_tables: dict[str, tuple[list[dict], list[str]]] | None = None) -> tuple[Path, Path]:
     """Write ``<stem>.md`` (markdown table) and ``<stem>.json`` ({"columns", "rows"}) into run_dir.
 
+    ``extra_tables`` {title: (rows, columns)} follow the main table under their titles (JSON: ``"tables"``).
     The JSON keeps every key of every row; non-finite floats become null.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     markdown_path, json_path = run_dir / f"{stem}.md", run_dir / f"{stem}.json"
-    markdown_path.write_text(markdown_table(rows, columns))
-    payload = {"columns": list(columns), "rows": [{key: _json_value(value) for key, value in row.items()} for row in rows]}
+    markdown = markdown_table(rows, columns)
+    payload = _json_table(rows, columns)
+    for title, (extra_rows, extra_columns) in (extra_tables or {}).items():
+        markdown += f"\n**{title}**\n\n" + markdown_table(extra_rows, extra_columns)
+        payload.setdefault("tables", {})[title] = _json_table(extra_rows, extra_columns)
+    markdown_path.write_text(markdown)
     json_path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
     return markdown_path, json_path

@@ -1,4 +1,4 @@
-"""Marginal-network algorithms: log p_theta(x_S) in one pass and the self-consistency loss.
+"""Marginal-network algorithms: log p_theta(x_S) in one pass, the self-consistency loss and the anchor term.
 
 f_theta(x_S) is the backbone's ``log_marginal`` output; the normalised marginal is f(x_S) - f(empty).
 """
@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import torch
 
-from .orders import index_at, observed_before, random_order
+from .arm import conditional_log_probs, value_log_probs
+from .orders import index_at, observed_before, order_observed_first, random_order
 
 
 def empty_like_rows(x: torch.Tensor, rows: int = 1):
@@ -26,13 +27,12 @@ def normalized_log_marginal(net, x, observed_mask) -> torch.Tensor:
     return values[:-1] - values[-1]
 
 
-def self_consistency_residual(net, x, order=None, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """One sampled constraint per row and f(empty).
+def self_consistency_terms(net, x, order=None, generator=None) -> dict:
+    """One sampled constraint per row, f(empty), and f on the extended prefix (reused by the anchor term).
 
     With d ~ U{1..D}: residual = f(x_sigma(<d)) + log p_phi(x_sigma(d) | x_sigma(<d)) - f(x_sigma(<=d)).
     Two passes: prefixes with both heads (the conditional term needs logits there), and
     [extended prefixes; empty] with the marginal head only.
-    Returns (residual (B,), f_empty (scalar)).
     """
     batch, dim = x.shape
     if order is None:
@@ -45,15 +45,54 @@ def self_consistency_residual(net, x, order=None, generator=None) -> tuple[torch
     position = index_at(order, step)
     log_conditional = log_probs[rows, position, x[rows, position]]
     empty_x, empty_mask = empty_like_rows(x)
-    f_rest = log_marginal(net, torch.cat([x, empty_x]), torch.cat([observed_before(order, step + 1), empty_mask]))
-    residual = f_prefix.float() + log_conditional - f_rest[:-1].float()
-    return residual, f_rest[-1].float()
+    extended_mask = observed_before(order, step + 1)
+    f_rest = log_marginal(net, torch.cat([x, empty_x]), torch.cat([extended_mask, empty_mask])).float()
+    return {"residual": f_prefix.float() + log_conditional - f_rest[:-1], "f_empty": f_rest[-1],
+            "f_extended": f_rest[:-1], "extended_mask": extended_mask}
 
 
-def self_consistency_loss(net, x, log_z: float | torch.Tensor = 0.0, order=None, generator=None):
-    """D * mean(residual^2) + (f(empty) - log_z)^2, and its two parts for logging."""
-    residual, f_empty = self_consistency_residual(net, x, order=order, generator=generator)
-    consistency = residual.pow(2).mean()
-    normalizer = (f_empty - log_z).pow(2)
-    return x.shape[1] * consistency + normalizer, {"consistency": consistency.item(), "normalizer": normalizer.item(),
-                                                  "log_z_model": f_empty.item()}
+def self_consistency_residual(net, x, order=None, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(residual (B,), f_empty (scalar)) of :func:`self_consistency_terms`."""
+    terms = self_consistency_terms(net, x, order=order, generator=generator)
+    return terms["residual"], terms["f_empty"]
+
+
+@torch.no_grad()
+def anchor_target(net, x, observed_mask, generator=None) -> torch.Tensor:
+    """Unbiased one-pass estimate of E_sigma log p_sigma(x_S), the order-averaged chain rule over S.
+
+    A random order of S and t ~ U{0..|S|-1} give a prefix P (the first t positions of S); the estimate is
+    |S| * mean_{j in S minus P} log p_phi(x_j | x_P). For each t the mean is an unbiased estimate of the t-th
+    chain-rule term averaged over orders, so the sum over t (|S| times a uniform draw) is unbiased for the
+    whole chain rule. Rows with S empty get 0. float32 (B,), no gradient (a regression target).
+    """
+    counts = observed_mask.sum(1)
+    order = order_observed_first(observed_mask, generator=generator)
+    uniform = torch.rand(counts.shape, device=x.device, generator=generator)
+    prefix_size = (uniform * counts).floor().long()  # U{0..|S|-1}
+    prefix = observed_before(order, prefix_size)
+    values = value_log_probs(conditional_log_probs(net, x, prefix), x)
+    remaining = (observed_mask & ~prefix).float()
+    return counts.float() * (values * remaining).sum(1) / remaining.sum(1).clamp(min=1.0)
+
+
+def self_consistency_loss(net, x, log_z: float | torch.Tensor = 0.0, order=None, generator=None,
+                          anchor_weight: float = 0.0):
+    """D * mean(residual^2) + (f(empty) - log_z)^2 [+ anchor_weight * mean((f(S) - f(empty) - anchor)^2) / D].
+
+    The anchor term regresses the normalised marginal of the extended prefix S on :func:`anchor_target`; its
+    minimiser is E_sigma log p_sigma(x_S), which pins the level of f that adjacent-step constraints leave free to
+    drift. Divided by D so that its scale (whole-set log-probabilities) is comparable with the D-weighted
+    per-step consistency term. Returns (loss, parts for logging).
+    """
+    terms = self_consistency_terms(net, x, order=order, generator=generator)
+    consistency = terms["residual"].pow(2).mean()
+    normalizer = (terms["f_empty"] - log_z).pow(2)
+    loss = x.shape[1] * consistency + normalizer
+    parts = {"consistency": consistency.item(), "normalizer": normalizer.item(), "log_z_model": terms["f_empty"].item()}
+    if anchor_weight > 0:
+        target = anchor_target(net, x, terms["extended_mask"], generator=generator)
+        anchor = (terms["f_extended"] - terms["f_empty"] - target).pow(2).mean() / x.shape[1]
+        loss = loss + anchor_weight * anchor
+        parts["anchor"] = anchor.item()
+    return loss, parts

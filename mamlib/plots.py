@@ -85,6 +85,28 @@ def save_image_grid(images, path, nrow: int | None = None, scale: int = 4, pad: 
     return path
 
 
+def save_regenerated_panel(variants, observed, annotations, image_shape, path) -> Path:
+    """Figure-4 panel: per variant, the censored input (missing pixels tinted) above its regeneration.
+
+    ``annotations`` holds (masked count, MaM log-likelihood, AO-ARM-E log-likelihood) per variant.
+    """
+    variants, observed = _as_numpy(variants).astype(np.float64), _as_numpy(observed).astype(bool)
+    count = len(variants)
+    fig, axes = plt.subplots(2, count, figsize=(1.9 * count, 4.2), squeeze=False)
+    for column, (image, mask, (steps, mam, reference)) in enumerate(zip(variants, observed, annotations)):
+        censored = np.where(mask, image, np.nan).reshape(image_shape)
+        axes[0, column].imshow(np.ma.masked_invalid(censored), cmap="gray", vmin=0, vmax=1)
+        axes[0, column].set_facecolor(MISSING_RGB)
+        axes[0, column].set_title(f"{steps} masked", fontsize=8)
+        axes[1, column].imshow(image.reshape(image_shape), cmap="gray", vmin=0, vmax=1)
+        axes[1, column].set_title(f"MaM {mam:.1f}\nAO-ARM-E {reference:.1f}", fontsize=8)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    return _save_figure(fig, _prepare_path(path))
+
+
 def _finite_1d(values) -> np.ndarray:
     array = _as_numpy(values).astype(np.float64).reshape(-1)
     return array[np.isfinite(array)]

@@ -106,10 +106,30 @@ class Trainer:
             for tensor in list(self.model.parameters()) + list(self.model.buffers()):
                 dist.broadcast(tensor.data, src=0)
 
-    def optimizer_step(self) -> float:
+    def learning_rate_factor(self, total: int, deadline: float, budget_seconds: float) -> float:
+        """``train.lr_schedule``: constant (the paper's) or cosine decay to 0 over the run after a linear warmup.
+
+        Progress is the larger of the step fraction and the elapsed fraction of ``train.max_minutes``, so a
+        time-budgeted run also ends its decay when its time is up.
+        """
+        schedule, warmup = self.cfg.get("lr_schedule", "constant"), self.cfg.get("warmup_steps") or 0
+        if schedule not in ("constant", "cosine"):
+            raise ValueError(f"train.lr_schedule={schedule!r} is unknown; use constant or cosine")
+        factor = min(1.0, (self.step + 1) / warmup) if warmup else 1.0
+        if schedule == "cosine":
+            progress = self.step / max(total, 1)
+            if budget_seconds:
+                progress = max(progress, 1.0 - (deadline - time.monotonic()) / budget_seconds)
+            factor *= 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+        return factor
+
+    def optimizer_step(self, lr_factor: float = 1.0) -> float:
         self._sync_gradients()
         clip = self.cfg.get("clip")
         norm = torch.nn.utils.clip_grad_norm_(self.parameters, clip if clip and clip > 0 else float("inf"))
+        for group in self.optimizer.param_groups:
+            group.setdefault("base_lr", group["lr"])
+            group["lr"] = group["base_lr"] * lr_factor
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
@@ -125,7 +145,10 @@ class Trainer:
         running, micro, log_every = defaultdict(float), 0, self.cfg.get("log_every", 50)
         ckpt_every, eval_every = self.cfg.get("checkpoint_every"), self.cfg.get("eval_every")
         max_minutes = self.cfg.get("max_minutes")
-        deadline = time.monotonic() + 60 * max_minutes if max_minutes else float("inf")
+        budget_seconds = 60 * max_minutes if max_minutes else 0.0
+        deadline = time.monotonic() + budget_seconds if max_minutes else float("inf")
+        if self.cfg.get("eval_at_start") and self.step == 0 and self.evaluate and self.dist.is_main:
+            self.run_evaluation()  # the starting point of the validation curves
         self.model.train()
         while self.epoch < self.cfg.n_epochs and self.step < total:
             if self.batch_in_epoch == 0:
@@ -148,7 +171,9 @@ class Trainer:
                 if micro < self.accumulation:
                     continue
                 micro = 0
-                running["grad_norm"] += self.optimizer_step() * running["_count"]
+                lr_factor = self.learning_rate_factor(total, deadline, budget_seconds)
+                running["grad_norm"] += self.optimizer_step(lr_factor) * running["_count"]
+                running["lr_factor"] += lr_factor * running["_count"]
                 bar.update(1)
                 if self.step % log_every == 0 or self.step == total:
                     count = running.pop("_count")

@@ -14,10 +14,11 @@ def build_backbone(arch_cfg, num_classes: int, num_positions: int, image_shape=N
     if name == "transformer":
         return Transformer(num_classes, num_positions, d_model=arch_cfg.d_model, num_layers=arch_cfg.num_layers,
                            num_heads=arch_cfg.num_heads, mlp_dim=arch_cfg.mlp_dim, dropout=arch_cfg.dropout,
-                           marginal=marginal, marginal_hidden=arch_cfg.marginal_hidden)
+                           marginal=marginal, marginal_hidden=arch_cfg.marginal_hidden,
+                           marginal_head=arch_cfg.get("marginal_head", "pooled"))
     if name == "mlp":
         return MLPPair(num_classes, num_positions, hidden=arch_cfg.hidden, num_layers=arch_cfg.num_layers,
-                       residual=arch_cfg.residual, marginal=marginal)
+                       residual=arch_cfg.residual, marginal=marginal, marginal_head=arch_cfg.get("marginal_head", "pooled"))
     if name == "unet":
         from .unet import UNet
 
@@ -26,7 +27,8 @@ def build_backbone(arch_cfg, num_classes: int, num_positions: int, image_shape=N
                              "Use arch=transformer or arch=mlp for sequences")
         return UNet(image_shape=tuple(image_shape), num_classes=num_classes, channels=arch_cfg.channels,
                     num_res_blocks=arch_cfg.num_res_blocks, attention=arch_cfg.attention, dropout=arch_cfg.dropout,
-                    marginal=marginal, marginal_hidden=arch_cfg.marginal_hidden)
+                    marginal=marginal, marginal_hidden=arch_cfg.marginal_hidden,
+                    marginal_head=arch_cfg.get("marginal_head", "pooled"))
     raise ValueError(f"unknown arch {name!r}; choose one of {ARCH_NAMES}")
 
 

@@ -36,3 +36,27 @@ class Backbone(nn.Module):
 
     def conditional_parameter_names(self) -> list[str]:
         return [n for n, _ in self.named_parameters() if not n.startswith(self.marginal_prefixes)]
+
+
+MARGINAL_HEADS = ("pooled", "sum")
+
+
+def check_marginal_head(kind: str) -> str:
+    if kind not in MARGINAL_HEADS:
+        raise ValueError(f"arch.marginal_head={kind!r} is unknown; use one of {MARGINAL_HEADS}")
+    return kind
+
+
+class MaskedSum(nn.Module):
+    """f(x_S) = f(empty) + sum over observed j of score_j: a marginal output that scales with |S|.
+
+    log p(x_S) is a sum of |S| chain-rule terms, so a per-position score summed over S starts at the right scale
+    for every |S|, and f(empty) is a parameter of its own that the normaliser term sets directly.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.empty = nn.Parameter(torch.zeros(()))
+
+    def forward(self, scores: torch.Tensor, observed_mask: torch.Tensor) -> torch.Tensor:
+        return self.empty + (scores * observed_mask).sum(1)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Backbone
+from .base import Backbone, MaskedSum, check_marginal_head
 
 
 class ResidualMLP(nn.Module):
@@ -29,14 +29,22 @@ class MLPPair(Backbone):
     """Two independent residual MLPs on the same one-hot input with K+1 classes per position."""
 
     def __init__(self, num_classes: int, num_positions: int, hidden: int = 2048, num_layers: int = 4, residual: bool = True,
-                 marginal: bool = True):
+                 marginal: bool = True, marginal_head: str = "pooled"):
         super().__init__()
+        self.marginal_kind = check_marginal_head(marginal_head)
         self.num_classes, self.num_positions = num_classes, num_positions
         in_dim = (num_classes + 1) * num_positions
         self.conditional_mlp = ResidualMLP(in_dim, hidden, num_classes * num_positions, num_layers, residual)
         if marginal:
-            self.marginal_mlp = ResidualMLP(in_dim, hidden, 1, num_layers, residual)
             self.marginal_prefixes = ("marginal_mlp.",)
+            if marginal_head == "sum":  # D scores summed over the observed positions (zero at the start)
+                self.marginal_mlp = ResidualMLP(in_dim, hidden, num_positions, num_layers, residual)
+                nn.init.zeros_(self.marginal_mlp.output.weight)
+                nn.init.zeros_(self.marginal_mlp.output.bias)
+                self.marginal_sum = MaskedSum()
+                self.marginal_prefixes = ("marginal_mlp.", "marginal_sum.")
+            else:
+                self.marginal_mlp = ResidualMLP(in_dim, hidden, 1, num_layers, residual)
 
     def forward(self, x, observed_mask, need_logits: bool = True, need_marginal: bool = False):
         if not (need_logits or need_marginal):
@@ -45,5 +53,9 @@ class MLPPair(Backbone):
             raise ValueError("this MLP was built without a marginal network (marginal=False)")
         one_hot = F.one_hot(self.input_tokens(x, observed_mask), self.num_classes + 1).flatten(1).float()
         logits = self.conditional_mlp(one_hot).view(-1, self.num_positions, self.num_classes) if need_logits else None
-        log_marginal = self.marginal_mlp(one_hot).squeeze(-1) if need_marginal else None
+        log_marginal = None
+        if need_marginal and self.marginal_kind == "sum":
+            log_marginal = self.marginal_sum(self.marginal_mlp(one_hot), observed_mask)
+        elif need_marginal:
+            log_marginal = self.marginal_mlp(one_hot).squeeze(-1)
         return log_marginal, logits

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Backbone
+from .base import Backbone, MaskedSum, check_marginal_head
 
 
 def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
@@ -54,11 +54,14 @@ def mlp_head(in_dim: int, hidden: int, out_dim: int) -> nn.Sequential:
 
 
 class Transformer(Backbone):
-    """Conditional logits per position; marginal head = MLP on mean-pooled final features."""
+    """Conditional logits per position; marginal head = MLP on mean-pooled final features (``pooled``, the original's)
+    or a per-position MLP score summed over the observed positions plus a learned f(empty) (``sum``)."""
 
     def __init__(self, num_classes: int, num_positions: int, d_model: int = 768, num_layers: int = 12, num_heads: int = 12,
-                 mlp_dim: int = 3072, dropout: float = 0.0, marginal: bool = False, marginal_hidden: int = 3072):
+                 mlp_dim: int = 3072, dropout: float = 0.0, marginal: bool = False, marginal_hidden: int = 3072,
+                 marginal_head: str = "pooled"):
         super().__init__()
+        self.marginal_kind = check_marginal_head(marginal_head)
         self.num_classes, self.num_positions = num_classes, num_positions
         self.embedding = nn.Embedding(num_classes + 1, d_model)  # index K = missing symbol
         self.register_buffer("positions", sinusoidal_table(num_positions, d_model), persistent=False)
@@ -68,7 +71,13 @@ class Transformer(Backbone):
         if marginal:
             self.marginal_head = mlp_head(d_model, marginal_hidden, 1)
             self.marginal_prefixes = ("marginal_head.",)
+            if marginal_head == "sum":
+                self.marginal_sum = MaskedSum()
+                self.marginal_prefixes = ("marginal_head.", "marginal_sum.")
         self.apply(self._init_weights)
+        if marginal and marginal_head == "sum":  # f = f(empty) = 0 everywhere at the start
+            nn.init.zeros_(self.marginal_head[-1].weight)
+            nn.init.zeros_(self.marginal_head[-1].bias)
 
     @staticmethod
     def _init_weights(module):
@@ -89,5 +98,9 @@ class Transformer(Backbone):
             h = block(h)
         h = self.final_norm(h)
         logits = self.conditional_head(h) if need_logits else None
-        log_marginal = self.marginal_head(h.mean(dim=1)).squeeze(-1) if need_marginal else None
+        log_marginal = None
+        if need_marginal and self.marginal_kind == "sum":
+            log_marginal = self.marginal_sum(self.marginal_head(h).squeeze(-1), observed_mask)
+        elif need_marginal:
+            log_marginal = self.marginal_head(h.mean(dim=1)).squeeze(-1)
         return log_marginal, logits

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Backbone
+from .base import Backbone, MaskedSum, check_marginal_head
 
 NEAR_ZERO_SCALE = 1e-10  # the original replaces init scale 0 with this: outputs start ~0 but gradients flow
 GROUP_NORM_EPS = 1e-6
@@ -141,8 +141,10 @@ class SpatialAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        q, k, v = self.qkv(self.norm(x)).view(batch, 3, channels, height * width).transpose(2, 3).unbind(1)
-        attended = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C), logits scaled by C^-1/2
+        # contiguous 4-D (B, 1 head, HW, C) inputs: 3-D strided ones take SDPA's slow unfused path on CPU
+        qkv = self.qkv(self.norm(x)).view(batch, 3, channels, height * width).transpose(2, 3).contiguous()
+        q, k, v = qkv.unsqueeze(2).unbind(1)
+        attended = F.scaled_dot_product_attention(q, k, v).squeeze(1)  # (B, HW, C), logits scaled by C^-1/2
         return x + self.output(attended.transpose(1, 2).reshape(batch, channels, height, width))
 
 
@@ -168,16 +170,24 @@ def output_head(channels: int, out_channels: int) -> nn.Sequential:
 
 
 class MarginalHead(nn.Module):
-    """GroupNorm-SiLU-conv to one channel, then an MLP over all D pixels -> scalar log marginal."""
+    """GroupNorm-SiLU-conv to one channel, then (``pooled``, the original's) an MLP over all D pixels -> scalar log
+    marginal, or (``sum``) the map summed over the observed pixels plus a learned f(empty)."""
 
-    def __init__(self, channels: int, num_positions: int, hidden: int):
+    def __init__(self, channels: int, num_positions: int, hidden: int, kind: str = "pooled"):
         super().__init__()
-        self.to_map = output_head(channels, 1)
-        self.mlp = nn.Sequential(nn.Linear(num_positions, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
-                                 nn.Linear(hidden, 1))  # PyTorch default init, as in the original
+        self.kind = check_marginal_head(kind)
+        self.to_map = output_head(channels, 1)  # zero-initialised conv: f = 0 at the start for the sum head
+        if kind == "sum":
+            self.sum = MaskedSum()
+        else:
+            self.mlp = nn.Sequential(nn.Linear(num_positions, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                     nn.Linear(hidden, 1))  # PyTorch default init, as in the original
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return self.mlp(self.to_map(h).flatten(1)).squeeze(-1)
+    def forward(self, h: torch.Tensor, observed_mask: torch.Tensor) -> torch.Tensor:
+        scores = self.to_map(h).flatten(1)
+        if self.kind == "sum":
+            return self.sum(scores, observed_mask)
+        return self.mlp(scores).squeeze(-1)
 
 
 class UNet(Backbone):
@@ -185,7 +195,7 @@ class UNet(Backbone):
 
     def __init__(self, image_shape=(28, 28), num_classes: int = 2, channels: int = 256, num_res_blocks: int = 4,
                  attention: bool = True, dropout: float = 0.0, marginal: bool = False, marginal_hidden: int = 4096,
-                 max_time: int = 1000):
+                 max_time: int = 1000, marginal_head: str = "pooled"):
         super().__init__()
         if len(image_shape) != 2 or min(image_shape) < 1:
             raise ValueError(f"image_shape must be (height, width) of a single-channel image, got {image_shape!r}")
@@ -209,7 +219,7 @@ class UNet(Backbone):
         self.head = output_head(channels, num_classes)
         if marginal:
             self.marginal_up = up_path(channels, num_res_blocks + 1, time_dim, dropout, attention)
-            self.marginal_head = MarginalHead(channels, self.num_positions, marginal_hidden)
+            self.marginal_head = MarginalHead(channels, self.num_positions, marginal_hidden, marginal_head)
             self.marginal_prefixes = ("marginal_up.", "marginal_head.")
 
     def _check_inputs(self, x: torch.Tensor, observed_mask: torch.Tensor):
@@ -247,5 +257,5 @@ class UNet(Backbone):
             conditional = self.head(self._run_up(self.up, h, skips, time))  # (B, K, H, W)
             logits = conditional.flatten(2).transpose(1, 2)  # (B, H*W row-major, K)
         if need_marginal:
-            log_marginal = self.marginal_head(self._run_up(self.marginal_up, h, skips, time))
+            log_marginal = self.marginal_head(self._run_up(self.marginal_up, h, skips, time), observed_mask)
         return log_marginal, logits

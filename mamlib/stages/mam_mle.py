@@ -12,11 +12,12 @@ from omegaconf import OmegaConf
 
 from .. import arm
 from ..checkpoint import CheckpointError
+from ..calibration import CalibrationSet, flat_gap_metrics, gap_summary, group_error_summary
 from ..evaluation import aggregate_correlations, bits_per_dim, correlation_summary, time_callable, write_report
 from ..experiment import Experiment, batched, make_optimizer
 from ..marginal import normalized_log_marginal, self_consistency_loss
 from ..orders import random_order
-from ..plots import save_image_grid, save_scatter
+from ..plots import save_image_grid, save_regenerated_panel, save_scatter
 from ..runtime import maybe_compile, synchronize
 from .ao_arm import first_rows
 from .common import checkpoint_meta, fit_on_data, load_data, load_trained, net_from_checkpoint, run_modes, save_samples, score_file
@@ -34,7 +35,7 @@ def load_stage1(exp: Experiment, dataset):
                          "loadpath_pretrain=<stage-1 run dir>/checkpoints/last.pt")
     net, payload, missing = net_from_checkpoint(cfg.loadpath_pretrain, (STAGE1_KIND,), dataset.describe(), exp.device,
                                                 image_shape=dataset.image_shape, marginal=True, allow_missing_marginal=True,
-                                                arch_overrides=marginal_width(cfg))
+                                                arch_overrides=marginal_arch(cfg))
     expected = {k for k in net.state_dict() if k.startswith(net.marginal_prefixes)}
     if set(missing) != expected:
         raise CheckpointError(f"{cfg.loadpath_pretrain}: expected exactly the marginal-head keys to be missing, "
@@ -45,10 +46,10 @@ def load_stage1(exp: Experiment, dataset):
     return net, payload
 
 
-def marginal_width(cfg) -> dict:
-    """Stage 2 takes the architecture from the stage-1 checkpoint; only the marginal head's width comes from arch.*."""
-    width = cfg.arch.get("marginal_hidden")
-    return {} if width is None else {"marginal_hidden": width}
+def marginal_arch(cfg) -> dict:
+    """Stage 2 takes the architecture from the stage-1 checkpoint; only the marginal head (its kind and width) comes
+    from arch.*."""
+    return {key: cfg.arch[key] for key in ("marginal_hidden", "marginal_head") if cfg.arch.get(key) is not None}
 
 
 class MarginalObjective:
@@ -76,7 +77,7 @@ class MarginalObjective:
         if self.cfg.include_onpolicy:
             self.samples = arm.censor_and_resample(self.net, self.samples, self.cfg.gibbs_steps)
             x = torch.cat([batch, self.samples])
-        loss, parts = self_consistency_loss(self.net, x, log_z=0.0)
+        loss, parts = self_consistency_loss(self.net, x, log_z=0.0, anchor_weight=self.cfg.anchor_weight)
         return loss, parts
 
     def state_dict(self) -> dict:
@@ -87,15 +88,18 @@ class MarginalObjective:
 
 
 @torch.no_grad()
-def validation_metrics(net, rows: torch.Tensor, batch_size: int, device) -> dict:
-    """Cheap checks: self-consistency on held-out data and the marginal network's NLL."""
+def validation_metrics(net, rows: torch.Tensor, batch_size: int, device, calibration: CalibrationSet | None = None) -> dict:
+    """Cheap checks: self-consistency on held-out data, the marginal network's NLL and its gap to AO-ARM-E."""
     consistency, marginal_nll = 0.0, 0.0
     for start in range(0, len(rows), batch_size):
         x = rows[start:start + batch_size].to(device)
         _, parts = self_consistency_loss(net, x)
         consistency += parts["consistency"] * len(x)
         marginal_nll -= normalized_log_marginal(net, x, torch.ones_like(x, dtype=torch.bool)).sum().item()
-    return {"consistency": consistency / len(rows), "bpd_marginal": float(bits_per_dim(-marginal_nll / len(rows), rows.shape[1]))}
+    metrics = {"consistency": consistency / len(rows), "bpd_marginal": float(bits_per_dim(-marginal_nll / len(rows), rows.shape[1]))}
+    if calibration is not None:
+        metrics.update(flat_gap_metrics(calibration.measure(net)))
+    return metrics
 
 
 def train(exp: Experiment, dataset) -> None:
@@ -106,32 +110,103 @@ def train(exp: Experiment, dataset) -> None:
              sum(p.numel() for p in net.parameters()) / 1e6)
     objective = MarginalObjective(maybe_compile(net, cfg.compile), cfg, dataset, exp.device)
     val_rows = first_rows(dataset.val, cfg.eval.val_examples)
+    calibration = None
+    if cfg.eval.gap_val_examples and exp.dist.is_main:  # frozen conditionals: the AO-ARM-E references are computed once
+        net.eval()
+        calibration = CalibrationSet(net, sample_rows(dataset.val, cfg.eval.gap_val_examples, cfg.seed), cfg.eval.gap_val_fractions,
+                                     cfg.eval.mc_ll, cfg.eval.batch_size, exp.device, cfg.eval.steps_per_pass, seed=cfg.seed)
+        net.train()
     meta = {**checkpoint_meta(KIND, exp, dataset.describe(), OmegaConf.create(stage1["arch"]), has_marginal=True),
             "stage1_checkpoint": str(cfg.loadpath_pretrain)}
     fit_on_data(exp, dataset, net, objective, make_optimizer(trainable, cfg.train), meta,
-                evaluate=lambda step: validation_metrics(net, val_rows, cfg.eval.batch_size, exp.device))
+                evaluate=lambda step: validation_metrics(net, val_rows, cfg.eval.batch_size, exp.device, calibration))
 
 
 # -- evaluation ------------------------------------------------------------------------------------
 
-def quality_groups(exp: Experiment, net, dataset):
-    """Groups of related assignments whose log-likelihoods are compared across models.
+def sample_rows(split, count, seed: int) -> torch.Tensor:
+    """A seeded random subset of a split (all of it, shuffled, when count is None)."""
+    count = len(split) if count is None else min(count, len(split))
+    index = torch.randperm(len(split), generator=torch.Generator().manual_seed(int(seed) + 12345))[:count]
+    return torch.stack([split[int(i)] for i in index])
 
-    Images/text: one test example, masked along one random order by each of ``eval.mask_steps`` and regenerated.
-    Molecules: groups of real test molecules.
+
+def ensemble_and_single_order(net, rows, mask, orders: int, batch_size: int, device, steps_per_pass: int = 1):
+    """AO-ARM-E (``orders`` random orders, log-mean-exp) and AO-ARM-S along one more, independent random order.
+
+    S must not reuse one of E's orders: a shared order is one of E's terms and inflates their agreement.
+    """
+    mask = torch.ones_like(rows, dtype=torch.bool) if mask is None else mask
+    per_order = batched(lambda x, m: arm.per_order_log_probs(net, x, orders + 1, m, steps_per_pass).T,
+                        rows, mask, batch_size, device, desc="chain rule").T
+    return arm.combine_orders(per_order[:-1]), per_order[-1]
+
+
+def regenerated_groups(exp: Experiment, net, rows: torch.Tensor) -> list[dict]:
+    """Figure-4 groups: each example masked along one random order by each of ``eval.mask_steps`` and regenerated.
+
+    The censored sets are nested (the last ``steps`` positions of one order). Returns per example
+    {"variants": (L*V, D), "observed": (L*V, D) masks kept before regeneration, "steps": (L*V,)}.
     """
     cfg = exp.cfg.eval
-    if dataset.kind == "molecule":
-        rows = first_rows(dataset.test, cfg.group_size * cfg.num_groups)
-        return [rows[i:i + cfg.group_size] for i in range(0, len(rows), cfg.group_size)]
+    dim, repeats = rows.shape[1], cfg.variants_per_level
+    generator = torch.Generator().manual_seed(int(exp.cfg.seed) + 777)
     groups = []
-    for row in first_rows(dataset.test, cfg.quality_examples):
-        x = row.to(exp.device).unsqueeze(0)
-        order = random_order(1, dataset.num_positions, device=exp.device)
-        variants = [arm.censor_and_resample(net, x.repeat(cfg.variants_per_level, 1), int(steps), order.repeat(cfg.variants_per_level, 1))
-                    for steps in cfg.mask_steps]
-        groups.append(torch.cat(variants).cpu())
+    for row in rows:
+        x = row.to(exp.device).unsqueeze(0).repeat(repeats, 1)
+        order = random_order(1, dim, generator=generator).to(exp.device).repeat(repeats, 1)
+        variants, observed, steps = [], [], []
+        for count in cfg.mask_steps:
+            count = min(int(count), dim)
+            variants.append(arm.censor_and_resample(net, x, count, order))
+            observed.append(order < dim - count)
+            steps += [count] * repeats
+        groups.append({"variants": torch.cat(variants).cpu(), "observed": torch.cat(observed).cpu(), "steps": torch.tensor(steps)})
     return groups
+
+
+def real_groups(exp: Experiment, dataset) -> list[torch.Tensor]:
+    """Groups of real test examples (molecules; text chunks)."""
+    cfg = exp.cfg.eval
+    rows = sample_rows(dataset.test, cfg.group_size * cfg.num_groups, exp.cfg.seed + 1)
+    return [rows[i:i + cfg.group_size] for i in range(0, len(rows), cfg.group_size)]
+
+
+def score_groups(exp: Experiment, net, groups: list[torch.Tensor], ensemble_and_single, marginal_of) -> dict:
+    """AO-ARM-E reference, AO-ARM-S and MaM on every group: correlations, calibration, per-group error."""
+    reference, single, marginal = [], [], []
+    for group in groups:
+        group_ensemble, group_single = ensemble_and_single(group)
+        reference.append(group_ensemble.numpy())
+        single.append(group_single.numpy())
+        marginal.append(marginal_of(group).numpy())
+    threshold = exp.cfg.eval.threshold
+    mam_pairs = list(zip(reference, marginal))
+    return {"reference": reference, "single": single, "marginal": marginal,
+            "correlations": {"AO-ARM-S": aggregate_correlations(list(zip(reference, single)), threshold),
+                             "MaM": aggregate_correlations(mam_pairs, threshold)},
+            "pooled": correlation_summary(np.concatenate(reference), np.concatenate(marginal)),
+            "calibration": gap_summary(np.concatenate(marginal), np.concatenate(reference)),
+            "group_error": group_error_summary(mam_pairs)}
+
+
+def save_figure4(exp: Experiment, dataset, groups: list[dict], scored: dict, count: int) -> None:
+    """Per example: the original, its censored inputs and regenerated variants, annotated with MaM's and AO-ARM-E's
+    log-likelihoods (PNG for images, text otherwise), plus figure4/groups.npz with every array."""
+    folder = exp.run_dir / "figure4"
+    folder.mkdir(exist_ok=True)
+    np.savez(folder / "groups.npz", variants=np.stack([g["variants"].numpy() for g in groups]),
+             observed=np.stack([g["observed"].numpy() for g in groups]), steps=np.stack([g["steps"].numpy() for g in groups]),
+             ao_arm_e=np.stack(scored["reference"]), ao_arm_s=np.stack(scored["single"]), mam=np.stack(scored["marginal"]))
+    for index, group in enumerate(groups[:count]):
+        values = list(zip(group["steps"].tolist(), scored["marginal"][index], scored["reference"][index]))
+        if dataset.kind == "image":
+            save_regenerated_panel(group["variants"].numpy(), group["observed"].numpy(), values, dataset.image_shape,
+                                   folder / f"example_{index}.png")
+        else:
+            lines = [f"masked {steps}: MaM {mam:.2f}  AO-ARM-E {ref:.2f}  |  {dataset.decode(row)}"
+                     for (steps, mam, ref), row in zip(values, group["variants"].numpy())]
+            (folder / f"example_{index}.txt").write_text("\n".join(lines) + "\n")
 
 
 @torch.no_grad()
@@ -140,38 +215,45 @@ def evaluate(exp: Experiment, dataset) -> dict:
     net = load_trained(exp, dataset, KIND)
     D, device, batch_size = dataset.num_positions, exp.device, cfg.eval.batch_size
 
-    # 1. test NLL: conditionals (as the paper reports MaM) and marginal network.
-    # AO-ARM-S is the first of the AO-ARM-E orders: one random order, computed once.
-    def ensemble_and_single(rows):
-        per_order = batched(lambda x, m: arm.per_order_log_probs(net, x, cfg.eval.mc_ll, m, cfg.eval.steps_per_pass).T,
-                            rows, torch.ones_like(rows, dtype=torch.bool), batch_size, device, desc="chain rule").T
-        return arm.combine_orders(per_order), per_order[0]
+    def ensemble_and_single(rows, mask=None):
+        return ensemble_and_single_order(net, rows, mask, cfg.eval.mc_ll, batch_size, device, cfg.eval.steps_per_pass)
 
-    rows = first_rows(dataset.test, cfg.eval.num_examples)
-    full = torch.ones_like(rows, dtype=torch.bool)
+    def marginal_of(rows, mask=None):
+        mask = torch.ones_like(rows, dtype=torch.bool) if mask is None else mask
+        return batched(lambda x, m: normalized_log_marginal(net, x, m), rows, mask, batch_size, device)
+
+    # 1. test NLL: conditionals (as the paper reports MaM) and the marginal network
+    rows = sample_rows(dataset.test, cfg.eval.num_examples, cfg.seed)
     ensemble, single = ensemble_and_single(rows)
+    marginal_full = marginal_of(rows)
     # The paper reports MaM's NLL with its conditionals (one random order: the AO-ARM-S value); the marginal network's
-    # own f(x) - f(empty) is a separate column, meaningful only as far as the marginals are self-consistent.
+    # own f(x) - f(empty) is a separate column, a true NLL only as far as the marginals are normalised.
     nll = {"AO-ARM-E": -ensemble.mean().item(), "AO-ARM-S": -single.mean().item()}
     nll["MaM"] = nll["AO-ARM-S"]
-    nll_marginal = -batched(lambda x, m: normalized_log_marginal(net, x, m), rows, full, batch_size, device).mean().item()
+    nll_marginal = -marginal_full.mean().item()
 
-    # 2. marginal quality against AO-ARM-E
-    groups = quality_groups(exp, net, dataset)
-    reference, single, marginal = [], [], []
-    for group in groups:
-        group_ensemble, group_single = ensemble_and_single(group)
-        reference.append(group_ensemble.numpy())
-        single.append(group_single.numpy())
-        marginal.append(batched(lambda x, m: normalized_log_marginal(net, x, m), group, torch.ones_like(group, dtype=torch.bool),
-                                batch_size, device).numpy())
-    threshold = cfg.eval.threshold
-    quality = {"AO-ARM-S": aggregate_correlations(list(zip(reference, single)), threshold),
-               "MaM": aggregate_correlations(list(zip(reference, marginal)), threshold)}
-    pooled = correlation_summary(np.concatenate(reference), np.concatenate(marginal))
+    # 2. calibration: full test examples, random subsets, and (below) the quality groups
+    calibration = {"full test": gap_summary(marginal_full.numpy(), ensemble.numpy())}
+    if cfg.eval.gap_examples:
+        subsets = CalibrationSet(net, rows[:cfg.eval.gap_examples], cfg.eval.gap_fractions, cfg.eval.mc_ll, batch_size, device,
+                                 cfg.eval.steps_per_pass, seed=cfg.seed + 1)
+        for label, summary in subsets.measure(net).items():
+            calibration[label.replace("_", " ") + " %"] = summary
 
-    # 3. marginal-inference time per batch (same run, same inputs)
-    timing_batch = torch.cat(groups)[:cfg.eval.timing_batch].to(device)
+    # 3. marginal quality against AO-ARM-E on groups
+    group_sets = {}
+    if dataset.kind != "molecule":
+        regenerated = regenerated_groups(exp, net, sample_rows(dataset.test, cfg.eval.quality_examples, cfg.seed + 2))
+        group_sets["regenerated"] = score_groups(exp, net, [g["variants"] for g in regenerated], ensemble_and_single, marginal_of)
+        save_figure4(exp, dataset, regenerated, group_sets["regenerated"], cfg.eval.figure_examples)
+    if dataset.kind in ("molecule", "text"):
+        group_sets["real"] = score_groups(exp, net, real_groups(exp, dataset), ensemble_and_single, marginal_of)
+    main_groups = group_sets.get("regenerated") or group_sets["real"]
+    for name, scored in group_sets.items():
+        calibration[f"{name} groups"] = scored["calibration"]
+
+    # 4. marginal-inference time per batch (same run, same inputs)
+    timing_batch = rows[:cfg.eval.timing_batch].to(device)
     timing_mask = torch.ones_like(timing_batch, dtype=torch.bool)
     sync = lambda: synchronize(device)
     timings = {
@@ -182,21 +264,36 @@ def evaluate(exp: Experiment, dataset) -> dict:
     unit = "bpc" if dataset.kind == "text" else "bpd"
     table = []
     for model in ("AO-ARM-E", "AO-ARM-S", "MaM"):
-        corr = quality.get(model, {"spearman": 1.0, "pearson": 1.0})
-        table.append({"model": model, f"NLL ({unit})": float(bits_per_dim(-nll[model], D)),
-                      f"NLL marginal net ({unit})": float(bits_per_dim(-nll_marginal, D)) if model == "MaM" else None,
-                      "spearman": corr["spearman"], "pearson": corr["pearson"], "time (s)": timings[model]["median"],
-                      "time std (s)": timings[model]["std"]})
-    results = {"dataset": dataset.name, "num_test_examples": len(rows), "num_groups": len(groups), "orders": cfg.eval.mc_ll,
-               "threshold": threshold, "pooled_marginal_vs_ensemble": pooled, "table": table,
+        corr = main_groups["correlations"].get(model, {"spearman": 1.0, "pearson": 1.0})
+        row = {"model": model, f"NLL ({unit})": float(bits_per_dim(-nll[model], D)),
+               f"NLL marginal net ({unit})": float(bits_per_dim(-nll_marginal, D)) if model == "MaM" else None,
+               "spearman": corr["spearman"], "pearson": corr["pearson"], "time (s)": timings[model]["median"],
+               "time std (s)": timings[model]["std"]}
+        if "real" in group_sets and "regenerated" in group_sets:  # text: also real test chunks
+            real = group_sets["real"]["correlations"].get(model, {"spearman": 1.0, "pearson": 1.0})
+            row.update({"spearman (real chunks)": real["spearman"], "pearson (real chunks)": real["pearson"]})
+        table.append(row)
+    calibration_rows = [{"set": name, "gap (nats)": s["gap_nats"], "|gap| (nats)": s["abs_gap_nats"], "n": s["n"]}
+                        for name, s in calibration.items()]
+    mam_quality = main_groups["correlations"]["MaM"]
+    results = {"dataset": dataset.name, "num_test_examples": len(rows), "num_groups": len(main_groups["reference"]),
+               "orders": cfg.eval.mc_ll, "threshold": cfg.eval.threshold, "table": table,
+               "marginal_gap_nats": calibration["full test"]["gap_nats"],
+               "marginal_abs_gap_nats": calibration["full test"]["abs_gap_nats"], "calibration": calibration,
+               "pooled_marginal_vs_ensemble": main_groups["pooled"], "group_error": main_groups["group_error"],
+               "num_groups_undefined_correlation": mam_quality["num_undefined"],
+               "groups": {name: {"correlations": g["correlations"], "pooled": g["pooled"], "calibration": g["calibration"],
+                                 "group_error": g["group_error"]} for name, g in group_sets.items()},
                "speedup_vs_AO-ARM-S": timings["AO-ARM-S"]["median"] / timings["MaM"]["median"],
                "speedup_vs_AO-ARM-E": timings["AO-ARM-E"]["median"] / timings["MaM"]["median"], "timing_batch": len(timing_batch)}
-    write_report(table, list(table[0].keys()), exp.run_dir, stem="results")
+    columns = list(table[0].keys())
+    write_report(table, columns, exp.run_dir, stem="results", extra_tables={
+        "Calibration: marginal network f(x_S) - f(empty) minus AO-ARM-E log p(x_S)": (calibration_rows, ["set", "gap (nats)", "|gap| (nats)", "n"])})
     exp.write_json("metrics.json", results)
-    mam_row = table[-1]
-    save_scatter(np.concatenate(reference), np.concatenate(marginal), exp.run_dir / "scatter_mam_vs_aoarm_e.png",
+    pooled = main_groups["pooled"]
+    save_scatter(np.concatenate(main_groups["reference"]), np.concatenate(main_groups["marginal"]), exp.run_dir / "scatter_mam_vs_aoarm_e.png",
                  xlabel="AO-ARM-E log-likelihood (nats)", ylabel="MaM log-likelihood (nats)",
-                 title=f"spearman {mam_row['spearman']:.3f}  pearson {mam_row['pearson']:.3f} (per group); pooled {pooled['spearman']:.3f}/{pooled['pearson']:.3f}")
+                 title=f"spearman {mam_quality['spearman']:.3f}  pearson {mam_quality['pearson']:.3f} (per group); pooled {pooled['spearman']:.3f}/{pooled['pearson']:.3f}")
     exp.logger.log({f"test/{row['model']}/{k}": v for row in table for k, v in row.items() if isinstance(v, float)}, 0)
     log.info("results:\n%s", (exp.run_dir / "results.md").read_text())
     return results

@@ -1,0 +1,187 @@
+"""Exact and statistical checks of the stage-2 additions: the AO-ARM loss's expectation, the anchor target, the
+censor-and-resample sampler, the sum head, the evaluation protocol (independent AO-ARM-S, nested censor sets) and the
+calibration summaries. Small problems (D=4, K=3) so every expectation is enumerated or estimated to 4 standard errors."""
+import itertools
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from scipy import stats
+
+from mamlib import arm
+from mamlib.calibration import CalibrationSet, gap_summary, group_error_summary, random_observed_masks
+from mamlib.evaluation import aggregate_correlations
+from mamlib.marginal import anchor_target, normalized_log_marginal, self_consistency_loss
+from mamlib.nets import MLPPair, Transformer
+from mamlib.stages.mam_mle import ensemble_and_single_order, regenerated_groups
+
+from exact import BruteForceNet, all_states, chain_log_joint
+
+torch.set_num_threads(1)
+D, K = 4, 3
+ALL_ORDERS = [torch.tensor(p).argsort().argsort() for p in itertools.permutations(range(D))]  # ranks of each permutation
+
+
+def small_transformer(seed=0, **kwargs):
+    torch.manual_seed(seed)
+    return Transformer(K, D, d_model=16, num_layers=1, num_heads=2, mlp_dim=32, marginal_hidden=16, **kwargs).eval()
+
+
+def order_average_log_prob(net, x, observed=None):
+    """E_sigma log p_sigma(x_S) over all D! orders (those putting S first give every order of S equally often)."""
+    observed = torch.ones_like(x, dtype=torch.bool) if observed is None else observed
+    values = []
+    for rank in ALL_ORDERS:
+        # observed positions first, in the relative order of this permutation
+        key = rank.float().unsqueeze(0) + (~observed).float() * D
+        values.append(arm.chain_rule_log_prob(net, x, observed, order=key.argsort(1).argsort(1)))
+    return torch.stack(values).mean(0)
+
+
+@torch.no_grad()
+def test_expected_aoarm_loss_is_the_order_averaged_nll_per_dimension():
+    net = small_transformer(seed=1)  # untrained: its orders disagree, so the identity is not trivially true
+    x = torch.tensor([[2, 0, 1, 1]])
+    losses = []
+    for rank in ALL_ORDERS:
+        for step in range(D):
+            _, per_example = arm.aoarm_loss(net, x, order=rank.unsqueeze(0), step=torch.tensor([step]))
+            losses.append(per_example.item())
+    expected = -order_average_log_prob(net, x).item() / D
+    assert np.mean(losses) == pytest.approx(expected, abs=1e-6)
+    spread = [arm.chain_rule_log_prob(net, x, order=r.unsqueeze(0)).item() for r in ALL_ORDERS]
+    assert max(spread) - min(spread) > 0.05  # the orders really differ (otherwise the check would be weak)
+
+
+@torch.no_grad()
+def test_anchor_target_is_unbiased_for_the_order_averaged_chain_rule():
+    net = small_transformer(seed=2)
+    x = torch.tensor([[1, 2, 0, 2]])
+    observed = torch.tensor([[True, False, True, True]])
+    exact = order_average_log_prob(net, x, observed).item()
+    draws = anchor_target(net, x.repeat(20000, 1), observed.repeat(20000, 1), generator=torch.Generator().manual_seed(0))
+    standard_error = draws.std().item() / math.sqrt(len(draws))
+    assert abs(draws.mean().item() - exact) < 4 * standard_error
+    # an empty S has log p = 0 exactly
+    assert anchor_target(net, x, torch.zeros_like(observed)).item() == 0.0
+
+
+@torch.no_grad()
+def test_anchor_term_vanishes_for_exact_marginals():
+    net = BruteForceNet(chain_log_joint(D, K, seed=5), D, K)
+    x = all_states(D, K)[::3]
+    _, parts = self_consistency_loss(net, x, anchor_weight=1.0)
+    # exact marginals of a consistent model: the anchor residual is only the estimator's noise, mean ~0
+    assert parts["consistency"] < 1e-10
+    targets = anchor_target(net, x, torch.ones_like(x, dtype=torch.bool), generator=torch.Generator().manual_seed(1))
+    assert targets.shape == (len(x),) and torch.isfinite(targets).all()
+
+
+@torch.no_grad()
+def test_censor_and_resample_keeps_the_first_positions_and_redraws_the_rest():
+    net = small_transformer(seed=3)
+    x = torch.tensor([[2, 1, 0, 2]])
+    order = torch.tensor([[1, 3, 0, 2]])  # position 2 first, then 0, then 3, then 1
+    count, erased = 6000, 2  # positions 3 and 1 are re-drawn
+    out = arm.censor_and_resample(net, x.repeat(count, 1), erased, order=order.repeat(count, 1),
+                                  generator=torch.Generator().manual_seed(4))
+    kept = (order < D - erased)[0]
+    assert torch.equal(out[:, kept], x[:, kept].repeat(count, 1))
+    # the re-drawn pair follows the chain rule along the same order, given the kept positions
+    states = all_states(D, K)
+    states = states[(states[:, kept] == x[:, kept]).all(1)]
+    expected = torch.softmax(arm.chain_rule_log_prob(net, states, order=order.repeat(len(states), 1)), 0).numpy() * count
+    index = {tuple(s.tolist()): i for i, s in enumerate(states)}
+    counts = np.bincount([index[tuple(s.tolist())] for s in out], minlength=len(states))
+    assert stats.chisquare(counts, expected).pvalue > 1e-3
+    assert (counts > 0).sum() > 1  # something really was re-drawn
+
+
+@pytest.mark.parametrize("build", [
+    lambda: small_transformer(seed=4, marginal=True, marginal_head="sum"),
+    lambda: MLPPair(K, D, hidden=16, num_layers=2, marginal=True, marginal_head="sum"),
+])
+def test_sum_head_starts_at_zero_scales_with_observed_positions_and_trains(build):
+    net = build()
+    x = torch.randint(0, K, (8, D), generator=torch.Generator().manual_seed(0))
+    observed = torch.rand(8, D, generator=torch.Generator().manual_seed(1)) < 0.5
+    assert torch.equal(net(x, observed, need_logits=False, need_marginal=True)[0], torch.zeros(8))  # f = 0 at the start
+    loss, _ = self_consistency_loss(net, x)
+    loss.backward()
+    assert all(p.grad is not None for n, p in net.named_parameters() if n.startswith(net.marginal_prefixes))
+    with torch.no_grad():
+        for _, parameter in net.named_parameters():
+            parameter.add_(0.1)
+        empty = torch.zeros_like(observed)
+        f_empty = net(x, empty, need_logits=False, need_marginal=True)[0]
+        # with nothing observed the output is exactly the learned f(empty), whatever the values
+        assert torch.allclose(f_empty, net.marginal_sum.empty.expand(8))
+        # values at unobserved positions do not matter
+        other = torch.where(observed, x, (x + 1) % K)
+        assert torch.allclose(net(x, observed, need_logits=False, need_marginal=True)[0],
+                              net(other, observed, need_logits=False, need_marginal=True)[0], atol=1e-5)
+
+
+@torch.no_grad()
+def test_ao_arm_s_uses_an_order_independent_of_ao_arm_e():
+    net = small_transformer(seed=5)
+    x = torch.tensor([[0, 2, 1, 1]]).repeat(3000, 1)
+    torch.manual_seed(0)
+    ensemble, single = ensemble_and_single_order(net, x, None, orders=1, batch_size=3000, device="cpu")
+    # with one E order, a shared order would make E == S for every row; independent orders correlate ~0
+    correlation = np.corrcoef(ensemble.numpy(), single.numpy())[0, 1]
+    assert abs(correlation) < 0.1, correlation  # sd of a null correlation: 1/sqrt(3000) = 0.018
+    assert (ensemble != single).float().mean() > 0.5
+
+
+@torch.no_grad()
+def test_regenerated_groups_have_nested_censor_sets_and_keep_the_observed_values():
+    net = small_transformer(seed=6)
+    cfg = OmegaConf.create({"seed": 0, "eval": {"variants_per_level": 2, "mask_steps": [1, 2, 4]}})
+    rows = torch.randint(0, K, (3, D), generator=torch.Generator().manual_seed(2))
+    groups = regenerated_groups(SimpleNamespace(cfg=cfg, device=torch.device("cpu")), net, rows)
+    assert len(groups) == 3
+    for row, group in zip(rows, groups):
+        observed, variants = group["observed"], group["variants"]
+        assert group["steps"].tolist() == [1, 1, 2, 2, 4, 4]
+        assert observed.sum(1).tolist() == [3, 3, 2, 2, 0, 0]
+        for wider, narrower in zip(observed[::2], observed[2::2]):  # more masked -> a subset of the kept positions
+            assert torch.equal(narrower & wider, narrower)
+        assert torch.equal(torch.where(observed, variants, -1), torch.where(observed, row.expand_as(variants), -1))
+
+
+def test_calibration_summaries_on_known_values():
+    assert gap_summary([1.0, -3.0], [0.0, 0.0]) == {"gap_nats": -1.0, "abs_gap_nats": 2.0, "n": 2}
+    summary = group_error_summary([(np.zeros(3), np.array([1.0, 2.0, 3.0])), (np.zeros(2), np.array([-1.0, -1.0]))])
+    assert summary["error_mean_nats"] == pytest.approx(0.5) and summary["error_var_nats2"] == pytest.approx(1 / 3)
+    masks = random_observed_masks(50, 8, 0.25, torch.Generator().manual_seed(0))
+    assert masks.sum(1).eq(2).all() and masks.any(0).all()
+    # groups with no defined correlation are counted, not silently dropped
+    result = aggregate_correlations([(np.array([0.0, 10.0, 20.0]), np.array([1.0, 2.0, 3.0])),
+                                     (np.array([0.0, 0.1]), np.array([1.0, 2.0]))], threshold=1.0)
+    assert result["num_groups"] == 1 and result["num_undefined"] == 1
+
+
+@torch.no_grad()
+def test_calibration_set_is_exact_for_exact_marginals():
+    log_joint = chain_log_joint(D, K, seed=7)
+    net = BruteForceNet(log_joint, D, K, marginal_offset=0.3)  # the offset cancels in f(x_S) - f(empty)
+    rows = all_states(D, K)[torch.multinomial(log_joint.exp(), 6, generator=torch.Generator().manual_seed(3))]
+    calibration = CalibrationSet(net, rows, [1.0, 0.5], orders=2, batch_size=4, device="cpu")
+    summaries = calibration.measure(net)
+    assert set(summaries) == {"full", "observed_50"}
+    assert all(s["abs_gap_nats"] < 1e-6 and s["n"] == 6 for s in summaries.values())
+    # and it sees a wrong marginal network: log p + 1 nat on every query
+    class Shifted(BruteForceNet):
+        def forward(self, x, observed_mask, need_logits=True, need_marginal=False):
+            log_marginal, logits = super().forward(x, observed_mask, need_logits, need_marginal)
+            if log_marginal is not None:
+                log_marginal = log_marginal + observed_mask.sum(1) / D
+            return log_marginal, logits
+    shifted = calibration.measure(Shifted(log_joint, D, K))
+    assert shifted["full"]["gap_nats"] == pytest.approx(1.0, abs=1e-6)
+    assert shifted["observed_50"]["gap_nats"] == pytest.approx(0.5, abs=1e-6)
+    assert normalized_log_marginal(net, rows, torch.ones_like(rows, dtype=torch.bool)).shape == (6,)
