@@ -49,8 +49,9 @@ class CalibrationSet:
             self.labels += [fraction_label(float(fraction))] * len(rows)
         self.x, self.mask = torch.cat(xs), torch.cat(masks)
         self.batch_size, self.device = batch_size, device
-        self.reference = batched(lambda x, m: arm.ensemble_log_prob(net, x, orders, m, steps_per_pass), self.x, self.mask,
-                                 batch_size, device, desc="AO-ARM-E reference").numpy()
+        with torch.no_grad():
+            self.reference = batched(lambda x, m: arm.ensemble_log_prob(net, x, orders, m, steps_per_pass), self.x, self.mask,
+                                     batch_size, device, desc="AO-ARM-E reference").numpy()
 
     @torch.no_grad()
     def measure(self, net) -> dict:

@@ -2,7 +2,8 @@
 
 p_data: a chain over D=6 positions with K=3 values and strong pairwise couplings (729 states).
 Stage 1 (ao_arm/seq) must reach a small exact KL(p_data || p_phi) under several orders; stage 2 (mam/seq) must give
-marginals that are self-consistent when checked by brute-force summation.
+marginals that are self-consistent when checked by brute-force summation. Threads and seeds are fixed, so every run
+on a machine gives the same numbers; the thresholds keep a margin over what was measured across seeds.
 """
 import math
 from pathlib import Path
@@ -45,8 +46,11 @@ def trained(tmp_path_factory):
     ao_arm.run(config("ao_arm_seq", data + ARCH + COMMON + ["train.batch_size=128", "train.max_steps=500", "train.lr=3e-3"]),
                run_dir=work / "stage1")
     stage1 = work / "stage1" / "checkpoints" / "last.pt"
-    mam_mle.run(config("mam_seq", data + COMMON + ["arch.marginal_hidden=64", "load_pretrain=True", f"loadpath_pretrain={stage1}", "train.batch_size=128",
-                                                  "train.max_steps=800", "train.lr=3e-3"]), run_dir=work / "stage2")
+    # the sum head with a cosine schedule (README ablation); the paper's pooled head reached |log mass| 0.21 here
+    mam_mle.run(config("mam_seq", data + COMMON + ["arch.marginal_hidden=64", "arch.marginal_head=sum", "train.lr_schedule=cosine",
+                                                  "load_pretrain=True", f"loadpath_pretrain={stage1}", "train.batch_size=128",
+                                                  "train.max_steps=800", "train.lr=3e-3", "eval.gap_val_examples=0"]),
+                run_dir=work / "stage2")
     return work, log_joint, states
 
 
@@ -92,9 +96,10 @@ def test_stage2_marginals_are_self_consistent(trained):
     agree = ((states.unsqueeze(0) == queries.unsqueeze(1)) | ~observed.unsqueeze(1)).all(-1)
     summed = torch.logsumexp(torch.where(agree, log_full.unsqueeze(0), torch.tensor(-math.inf, dtype=torch.float64)), 1)
     error = (predicted - summed).abs().mean().item()
-    # measured: |log mass| about 0.05 and mean error about 0.05 nats after 500 steps; thresholds with margin
-    assert abs(total_mass) < 0.3, total_mass
-    assert error < 0.3, error
-    # the marginal network also agrees with the conditionals' chain rule on full assignments
+    # measured over seeds 0, 1, 2 on one machine (sum head, cosine, 800 steps): |log mass| 0.002-0.02, mean error 0.025-0.028 nats
+    assert abs(total_mass) < 0.05, total_mass
+    assert error < 0.05, error
+    # the marginal network also agrees with the conditionals' own exact marginals (brute-force sums of the chain rule)
     chain = arm.chain_rule_log_prob(net, states, order=fixed_order(len(states), D))
-    assert (log_full.exp() * (log_full - chain).abs()).sum().item() / log_full.exp().sum().item() < 0.3
+    exact = torch.logsumexp(torch.where(agree, chain.unsqueeze(0), torch.tensor(-math.inf, dtype=torch.float64)), 1)
+    assert (predicted - exact).abs().mean().item() < 0.06  # measured 0.033-0.037 nats
