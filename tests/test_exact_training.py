@@ -24,7 +24,7 @@ from exact import all_states, chain_log_joint
 
 ROOT = Path(__file__).resolve().parents[1]
 D, K = 6, 3
-ARCH = ["arch.d_model=32", "arch.num_layers=2", "arch.num_heads=2", "arch.mlp_dim=64", "arch.marginal_hidden=64"]
+ARCH = ["arch=transformer", "arch.d_model=32", "arch.num_layers=2", "arch.num_heads=2", "arch.mlp_dim=64", "arch.marginal_hidden=64"]
 COMMON = ["logger.mode=disabled", "train.checkpoint_every=null", "train.eval_every=null", "train.log_every=100",
           "train.n_epochs=1000", "eval.val_examples=64"]
 
