@@ -7,7 +7,6 @@ the reference on the kept samples, and average over groups weighted by the kept 
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.stats import pearsonr, spearmanr
+
+from .files import write_json_atomic, write_text_atomic
 
 
 def _as_numpy_1d(values, name: str) -> np.ndarray:
@@ -191,7 +192,7 @@ def write_report(rows: list[dict], columns: list[str], run_dir, stem: str = "res
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     markdown_path, json_path = run_dir / f"{stem}.md", run_dir / f"{stem}.json"
-    markdown_path.write_text(markdown_table(rows, columns))
+    write_text_atomic(markdown_path, markdown_table(rows, columns))
     payload = {"columns": list(columns), "rows": [{key: _json_value(value) for key, value in row.items()} for row in rows]}
-    json_path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    write_json_atomic(json_path, payload, indent=2, allow_nan=False)
     return markdown_path, json_path
