@@ -10,7 +10,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .errors import ConfigError
-from .files import read_npy, save_npy_atomic, write_json_atomic
+from .files import check_output_path, read_npy, save_npy_atomic, write_json_atomic
 from .runlog import RunLogger
 from .runtime import DistInfo, default_data_dir, init_distributed, seed_everything
 
@@ -92,10 +92,16 @@ def read_score_input(path, num_positions: int, num_classes: int) -> tuple[torch.
     return tokens.clamp(min=0), tokens >= 0
 
 
-def write_score_output(path, log_probs) -> Path:
+def score_output_path(path) -> Path:
+    """``score.output``, checked before any scoring: given, and writable."""
     if not path:
         raise ConfigError("mode=score needs score.output=<file.npy>")
-    return save_npy_atomic(Path(path), np.asarray(log_probs, dtype=np.float64))
+    check_output_path(path)
+    return Path(path)
+
+
+def write_score_output(path, log_probs) -> Path:
+    return save_npy_atomic(score_output_path(path), np.asarray(log_probs, dtype=np.float64))
 
 
 def batched(function, x: torch.Tensor, mask: torch.Tensor, batch_size: int, device, desc: str = "") -> torch.Tensor:

@@ -46,11 +46,23 @@ def _fsync_folder(folder: Path) -> None:
         os.close(handle)
 
 
+def check_regular_target(path: Path) -> None:
+    """Outputs replace regular files only: renaming over /dev/full or a folder would be wrong."""
+    if path.exists() and not path.is_file():
+        raise OutputError(f"cannot write {path}: it exists and is not a regular file; give a file path")
+
+
+def check_output_path(path) -> None:
+    """Fail before long work when its output could not be written (not a regular file, or an unwritable folder)."""
+    path = Path(path)
+    check_regular_target(path)
+    check_writable(path.parent)
+
+
 def atomic_write(path, write: Callable[[IO], object], text: bool = False) -> Path:
     """Call ``write(handle)`` on a temporary file, then rename it to ``path``. Raises OutputError on any OS failure."""
     path = Path(path)
-    if path.exists() and not path.is_file():  # e.g. /dev/full or a folder: renaming over it would be wrong
-        raise OutputError(f"cannot write {path}: it exists and is not a regular file; give a file path")
+    check_regular_target(path)
     temp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -97,8 +109,7 @@ def check_writable(folder) -> None:
         probe.touch(exist_ok=False)
         probe.unlink()
     except OSError as error:
-        raise OutputError(f"cannot write into {folder}: {error.strerror or error}; "
-                          "choose a writable hydra.run.dir") from error
+        raise OutputError(f"cannot write into {folder}: {error.strerror or error}; choose a writable folder") from error
 
 
 def read_npy(path, what: str) -> np.ndarray:

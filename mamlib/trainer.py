@@ -168,54 +168,56 @@ class Trainer:
             raise ValueError(f"an epoch has {self.batches_per_epoch} batches but one optimizer step needs {self.accumulation}; "
                              "lower train.effective_batch or train.batch_size")
         bar = tqdm(total=total, initial=self.step, desc="train", disable=not self.dist.is_main, dynamic_ncols=True)
-        running, micro, log_every = defaultdict(float), 0, self.cfg.get("log_every", 50)
-        ckpt_every, eval_every = self.cfg.get("checkpoint_every"), self.cfg.get("eval_every")
-        max_minutes = self.cfg.get("max_minutes")
-        deadline = time.monotonic() + 60 * max_minutes if max_minutes else float("inf")
-        self.model.train()
-        while self.epoch < self.cfg.n_epochs and self.step < total:
-            if self.batch_in_epoch == 0:
-                self.objective.on_epoch_start(self.epoch)
-            usable = (self.batches_per_epoch // self.accumulation) * self.accumulation
-            for batch in self.batches(self.epoch, self.batch_in_epoch):
-                if self.batch_in_epoch >= usable or self.step >= total:
-                    break
-                if torch.is_tensor(batch):
-                    batch = batch.to(self.device, non_blocking=True)
-                with autocast(self.device, self.cfg.get("precision") == "bf16"):
-                    loss, metrics = self.objective.loss(batch)
-                loss_value = loss.item()
-                if not math.isfinite(loss_value):
-                    raise self.diverged(f"the loss is {loss_value}", metrics)
-                (loss / self.accumulation).backward()
-                running["loss"] += loss_value
-                for key, value in metrics.items():
-                    running[key] += float(value)
-                running["_count"] += 1
-                micro += 1
-                self.batch_in_epoch += 1
-                if micro < self.accumulation:
-                    continue
-                micro = 0
-                running["grad_norm"] += self.optimizer_step() * running["_count"]
-                bar.update(1)
-                if self.step % log_every == 0 or self.step == total:
-                    count = running.pop("_count")
-                    averaged = {f"train/{k}": v / count for k, v in running.items()}
-                    bar.set_postfix(loss=f"{averaged['train/loss']:.4g}")
-                    if self.logger and self.dist.is_main:
-                        self.logger.log({**averaged, "epoch": self.epoch}, self.step)
-                    running = defaultdict(float)
-                if ckpt_every and self.step % ckpt_every == 0:
-                    self.save()
-                if eval_every and self.evaluate and self.step % eval_every == 0 and self.dist.is_main:
-                    self.run_evaluation()
-                if time.monotonic() > deadline:  # wall-clock budget (train.max_minutes); every rank checks its own clock
-                    log.info("train.max_minutes=%s reached at step %d", max_minutes, self.step)
-                    total = self.step
-            if self.batch_in_epoch >= usable:
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        bar.close()
+        try:  # the bar ends its line even when training stops with an error
+            running, micro, log_every = defaultdict(float), 0, self.cfg.get("log_every", 50)
+            ckpt_every, eval_every = self.cfg.get("checkpoint_every"), self.cfg.get("eval_every")
+            max_minutes = self.cfg.get("max_minutes")
+            deadline = time.monotonic() + 60 * max_minutes if max_minutes else float("inf")
+            self.model.train()
+            while self.epoch < self.cfg.n_epochs and self.step < total:
+                if self.batch_in_epoch == 0:
+                    self.objective.on_epoch_start(self.epoch)
+                usable = (self.batches_per_epoch // self.accumulation) * self.accumulation
+                for batch in self.batches(self.epoch, self.batch_in_epoch):
+                    if self.batch_in_epoch >= usable or self.step >= total:
+                        break
+                    if torch.is_tensor(batch):
+                        batch = batch.to(self.device, non_blocking=True)
+                    with autocast(self.device, self.cfg.get("precision") == "bf16"):
+                        loss, metrics = self.objective.loss(batch)
+                    loss_value = loss.item()
+                    if not math.isfinite(loss_value):
+                        raise self.diverged(f"the loss is {loss_value}", metrics)
+                    (loss / self.accumulation).backward()
+                    running["loss"] += loss_value
+                    for key, value in metrics.items():
+                        running[key] += float(value)
+                    running["_count"] += 1
+                    micro += 1
+                    self.batch_in_epoch += 1
+                    if micro < self.accumulation:
+                        continue
+                    micro = 0
+                    running["grad_norm"] += self.optimizer_step() * running["_count"]
+                    bar.update(1)
+                    if self.step % log_every == 0 or self.step == total:
+                        count = running.pop("_count")
+                        averaged = {f"train/{k}": v / count for k, v in running.items()}
+                        bar.set_postfix(loss=f"{averaged['train/loss']:.4g}")
+                        if self.logger and self.dist.is_main:
+                            self.logger.log({**averaged, "epoch": self.epoch}, self.step)
+                        running = defaultdict(float)
+                    if ckpt_every and self.step % ckpt_every == 0:
+                        self.save()
+                    if eval_every and self.evaluate and self.step % eval_every == 0 and self.dist.is_main:
+                        self.run_evaluation()
+                    if time.monotonic() > deadline:  # wall-clock budget (train.max_minutes); every rank checks its own clock
+                        log.info("train.max_minutes=%s reached at step %d", max_minutes, self.step)
+                        total = self.step
+                if self.batch_in_epoch >= usable:
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        finally:
+            bar.close()
         self.save()
         return self.step
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from ..checkpoint import check_same_data, load_checkpoint, load_model_state
 from ..errors import ConfigError
 from ..files import save_npy_atomic, write_text_atomic
-from ..experiment import Experiment, batched, config_dict, read_score_input, setup, write_score_output
+from ..experiment import Experiment, batched, config_dict, read_score_input, score_output_path, setup, write_score_output
 from ..nets import build_backbone
 from ..trainer import Trainer, epoch_batches, num_epoch_batches
 
@@ -110,6 +110,7 @@ def resolve_checkpoint(exp: Experiment) -> Path:
 def score_file(exp: Experiment, num_positions: int, num_classes: int, function, what: str) -> None:
     """The score contract: ``score.input`` (M, D) ints with -1 = missing -> ``score.output`` float64 (M,) log-probabilities."""
     x, observed = read_score_input(exp.cfg.score.input, num_positions, num_classes)
+    score_output_path(exp.cfg.score.output)
     log_probs = batched(function, x, observed, exp.cfg.eval.batch_size, exp.device, desc="score")
     path = write_score_output(exp.cfg.score.output, log_probs.numpy())
     log.info("wrote %d log-probabilities (%s) to %s", len(log_probs), what, path)
