@@ -66,7 +66,7 @@ def load_checkpoint(path: str | os.PathLike, expected_kind: str | tuple[str, ...
             raise CheckpointError(f"{path} is not a readable checkpoint (not a torch file, or damaged)") from error
         # weights_only refused a global (a class or function): only tensors and plain containers are loaded
         raise CheckpointError(f"{path} holds Python objects besides tensors, so it is not loaded (loading could run code); "
-                              "use checkpoints written by this project's current version") from error
+                              "convert your own format-1 checkpoints with scripts/upgrade_checkpoint.py") from error
     except Exception as error:  # corrupted or not a torch file
         reason = (str(error).splitlines() or [type(error).__name__])[0]
         raise CheckpointError(f"{path} is not a readable checkpoint: {reason}") from error

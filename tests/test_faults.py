@@ -202,6 +202,22 @@ def test_crafted_pickle_is_refused_as_loadpath_loadpath_pretrain_and_resume(work
     assert not marker.exists() and not (tmp_path / "out.npy").exists()
 
 
+def test_own_format1_checkpoint_can_be_upgraded(tmp_path):
+    import importlib.util
+    import random
+
+    spec = importlib.util.spec_from_file_location("upgrade_checkpoint", ROOT / "scripts" / "upgrade_checkpoint.py")
+    upgrade = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(upgrade)
+    old = {"format_version": 1, "kind": "ao_arm", "model": {"w": torch.ones(2)}, "step": 3,
+           "rng": {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}}
+    torch.save(old, tmp_path / "last.pt")
+    with pytest.raises(CheckpointError, match="scripts/upgrade_checkpoint.py"):
+        load_checkpoint(tmp_path / "last.pt")
+    upgrade.upgrade(tmp_path / "last.pt")
+    assert load_checkpoint(tmp_path / "last.pt")["step"] == 3 and (tmp_path / "last.pt.format1").exists()
+
+
 def flip_a_weight_byte(path: Path) -> None:
     """Change one byte inside a tensor's data (the zip container itself stays readable)."""
     with zipfile.ZipFile(path) as archive:
