@@ -1,12 +1,12 @@
 """Stage 1 (any-order ARM) on the seq config: python seq_main.py [mode=train|eval|generate|score] [preset=tiny|cpu] [key=value ...]"""
 import hydra
 
-from mamlib.stages.ao_arm import run
+from mamlib.cli import run_script
 
 
 @hydra.main(config_path="../configs", config_name="ao_arm_seq", version_base="1.3")
 def main(cfg):
-    run(cfg)
+    run_script(cfg, "ao_arm")
 
 
 if __name__ == "__main__":

@@ -1,12 +1,12 @@
 """Energy-based training (mol_property_eb): python mol_property_eb_main.py [model=MAM|ARM] [objective=KL|squared] [mode=train|evaluate|generate|score] [preset=tiny|cpu]"""
 import hydra
 
-from mamlib.stages.energy import run
+from mamlib.cli import run_script
 
 
 @hydra.main(config_path="../configs", config_name="mol_property_eb", version_base="1.3")
 def main(cfg):
-    run(cfg)
+    run_script(cfg, "energy")
 
 
 if __name__ == "__main__":

@@ -2,12 +2,12 @@
 python text_main.py load_pretrain=True loadpath_pretrain=<stage-1 checkpoint> [mode=train|eval|generate|score] [preset=tiny|cpu]"""
 import hydra
 
-from mamlib.stages.mam_mle import run
+from mamlib.cli import run_script
 
 
 @hydra.main(config_path="../configs", config_name="mam_text", version_base="1.3")
 def main(cfg):
-    run(cfg)
+    run_script(cfg, "mam_mle")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,6 @@ the reference on the kept samples, and average over groups weighted by the kept 
 """
 from __future__ import annotations
 
-import json
 import math
 import statistics
 import time
@@ -16,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from scipy.stats import pearsonr, spearmanr
+
+from .files import write_json_atomic, write_text_atomic
 
 
 def _as_numpy_1d(values, name: str) -> np.ndarray:
@@ -89,32 +90,31 @@ def correlation_summary(reference, candidate) -> dict:
 def aggregate_correlations(groups, threshold: float) -> dict:
     """Kept-count-weighted mean correlations over groups of (reference, candidate) log-likelihoods.
 
-    Per group the samples are filtered by :func:`separated_indices` on the reference; a group with fewer than 2
-    kept samples, or a NaN correlation (a constant side), has no defined correlation: it is left out of the means
-    and counted in ``num_undefined``. NaN results when no group counts.
+    Per group the samples are filtered by :func:`separated_indices` on the reference; groups with
+    fewer than 2 kept samples, or a NaN correlation, are skipped. NaN results when no group counts.
     """
     weighted_spearman = weighted_pearson = 0.0
-    num_groups = num_points = num_undefined = 0
+    num_groups = num_points = 0
     for reference, candidate in groups:
         reference = _as_numpy_1d(reference, "reference")
         candidate = _as_numpy_1d(candidate, "candidate")
         kept = separated_indices(reference, threshold)
-        summary = correlation_summary(reference[kept], candidate[kept]) if kept.size >= 2 else None
-        if summary is None or math.isnan(summary["spearman"]) or math.isnan(summary["pearson"]):
-            num_undefined += 1
+        if kept.size < 2:
+            continue
+        summary = correlation_summary(reference[kept], candidate[kept])
+        if math.isnan(summary["spearman"]) or math.isnan(summary["pearson"]):
             continue
         weighted_spearman += summary["spearman"] * summary["n"]
         weighted_pearson += summary["pearson"] * summary["n"]
         num_groups += 1
         num_points += summary["n"]
     if num_points == 0:
-        return {"spearman": math.nan, "pearson": math.nan, "num_groups": 0, "num_points": 0, "num_undefined": num_undefined}
+        return {"spearman": math.nan, "pearson": math.nan, "num_groups": 0, "num_points": 0}
     return {
         "spearman": weighted_spearman / num_points,
         "pearson": weighted_pearson / num_points,
         "num_groups": num_groups,
         "num_points": num_points,
-        "num_undefined": num_undefined,
     }
 
 
@@ -203,6 +203,6 @@ def write_report(rows: list[dict], columns: list[str], run_dir, stem: str = "res
     for title, (extra_rows, extra_columns) in (extra_tables or {}).items():
         markdown += f"\n**{title}**\n\n" + markdown_table(extra_rows, extra_columns)
         payload.setdefault("tables", {})[title] = _json_table(extra_rows, extra_columns)
-    markdown_path.write_text(markdown)
-    json_path.write_text(json.dumps(payload, indent=2, allow_nan=False) + "\n")
+    write_text_atomic(markdown_path, markdown)
+    write_json_atomic(json_path, payload, indent=2, allow_nan=False)
     return markdown_path, json_path

@@ -1,7 +1,6 @@
 """What every entry script does before and around its mode: run dir, device, seeding, logging, data, optimizer, score files."""
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +9,8 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from .errors import ConfigError
+from .files import check_output_path, read_npy, save_npy_atomic, write_json_atomic
 from .runlog import RunLogger
 from .runtime import DistInfo, default_data_dir, init_distributed, seed_everything
 
@@ -33,9 +34,7 @@ class Experiment:
         return Path(self.cfg.loadpath) if self.cfg.get("loadpath") else self.run_dir / "checkpoints" / "last.pt"
 
     def write_json(self, name: str, payload: dict) -> Path:
-        path = self.run_dir / name
-        path.write_text(json.dumps(payload, indent=2, default=float) + "\n")
-        return path
+        return write_json_atomic(self.run_dir / name, payload, indent=2, default=float)
 
 
 def run_dir_from_hydra() -> Path:
@@ -62,7 +61,7 @@ def make_optimizer(parameter_groups, train_cfg) -> torch.optim.Optimizer:
         return torch.optim.Adam(parameter_groups, **options)
     if train_cfg.optimizer == "adamw":
         return torch.optim.AdamW(parameter_groups, **options)
-    raise ValueError(f"train.optimizer={train_cfg.optimizer!r} is unknown; use adam or adamw")
+    raise ConfigError(f"train.optimizer={train_cfg.optimizer!r} is unknown; use adam or adamw")
 
 
 def config_dict(cfg: DictConfig) -> dict:
@@ -74,32 +73,35 @@ def config_dict(cfg: DictConfig) -> dict:
 def read_score_input(path, num_positions: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(M, D) ints: 0..K-1 observed, -1 missing -> (x, observed_mask)."""
     if not path:
-        raise ValueError("mode=score needs score.input=<file.npy> (an int array (M, D), -1 where missing)")
+        raise ConfigError("mode=score needs score.input=<file.npy> (an int array (M, D), -1 where missing)")
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"score.input={path} does not exist")
-    array = np.load(path)
+        raise ConfigError(f"score.input={path} does not exist")
+    array = read_npy(path, "score.input")
     if array.ndim == 1:
         array = array[None]
     if array.ndim != 2 or array.shape[1] != num_positions:
-        raise ValueError(f"score.input has shape {array.shape}; this model needs (M, {num_positions})")
+        raise ConfigError(f"score.input has shape {array.shape}; this model needs (M, {num_positions})")
     if not np.issubdtype(array.dtype, np.integer):
-        if not np.all(np.equal(np.mod(array, 1), 0)):
-            raise ValueError(f"score.input must hold integers (got dtype {array.dtype} with fractional values)")
+        if not np.all(np.isfinite(array)) or not np.all(np.equal(np.mod(array, 1), 0)):
+            raise ConfigError(f"score.input must hold integers (got dtype {array.dtype} with fractional values)")
         array = array.astype(np.int64)
     if array.min(initial=0) < -1 or array.max(initial=0) >= num_classes:
-        raise ValueError(f"score.input values must be in -1..{num_classes - 1} (got {array.min()}..{array.max()})")
+        raise ConfigError(f"score.input values must be in -1..{num_classes - 1} (got {array.min()}..{array.max()})")
     tokens = torch.as_tensor(array, dtype=torch.long)
     return tokens.clamp(min=0), tokens >= 0
 
 
-def write_score_output(path, log_probs) -> Path:
+def score_output_path(path) -> Path:
+    """``score.output``, checked before any scoring: given, and writable."""
     if not path:
-        raise ValueError("mode=score needs score.output=<file.npy>")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    np.save(path, np.asarray(log_probs, dtype=np.float64))
-    return path
+        raise ConfigError("mode=score needs score.output=<file.npy>")
+    check_output_path(path)
+    return Path(path)
+
+
+def write_score_output(path, log_probs) -> Path:
+    return save_npy_atomic(score_output_path(path), np.asarray(log_probs, dtype=np.float64))
 
 
 def batched(function, x: torch.Tensor, mask: torch.Tensor, batch_size: int, device, desc: str = "") -> torch.Tensor:

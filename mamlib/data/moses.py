@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 
 from .base import DiscreteDataset, save_npy_atomic, tensor_dataset, write_json_atomic
-from .fetch import fetch_or_explain, pip_download_wheel
+from .fetch import DataSourceError, fetch_or_explain, pip_download_wheel, verify_source
 
 MOLSETS_REQUIREMENT = "molsets==0.3.1"
-WHEEL_PATTERN = "molsets-0.3.1-*.whl"
+WHEEL_NAME = "molsets-0.3.1-py3-none-any.whl"   # the one published wheel; only this exact file is read
 SOURCE_MEMBERS = {"train": "moses/dataset/data/train.csv.gz", "test": "moses/dataset/data/test.csv.gz"}
 PADDING = {"smiles": " ", "selfies": "[nop]"}
 FULL_TRAIN_PERCENT = 90
@@ -37,14 +37,17 @@ _SELFIES_SYMBOL = re.compile(r"\[[^\[\]]*\]")
 
 # ---------------------------------------------------------------------- source files
 def find_or_fetch_wheel(folder: Path, download: bool = True) -> Path:
-    wheels = sorted(folder.glob(WHEEL_PATTERN))
-    if wheels:
-        return wheels[-1]
-    fix = (f"Fix: on a machine with PyPI access run `python -m pip download --no-deps {MOLSETS_REQUIREMENT} -d {folder}` "
-           f"(or copy molsets-0.3.1-py3-none-any.whl into {folder}/). Installing molsets is not needed "
-           "and does not work on current Python; only its wheel file is read.")
-    return fetch_or_explain(lambda: pip_download_wheel(MOLSETS_REQUIREMENT, folder), f"no {WHEEL_PATTERN} in {folder}",
-                            download, fix)
+    wheel = folder / WHEEL_NAME
+    if not wheel.exists():
+        fix = (f"Fix: on a machine with PyPI access run `python -m pip download --no-deps {MOLSETS_REQUIREMENT} -d {folder}` "
+               f"(or copy {WHEEL_NAME} into {folder}/). Installing molsets is not needed "
+               "and does not work on current Python; only its wheel file is read.")
+        fetched = fetch_or_explain(lambda: pip_download_wheel(MOLSETS_REQUIREMENT, folder), f"no {WHEEL_NAME} in {folder}",
+                                   download, fix)
+        if fetched != wheel:
+            fetched.unlink(missing_ok=True)
+            raise DataSourceError(f"pip fetched {fetched.name}, not {WHEEL_NAME}; copy {WHEEL_NAME} into {folder}/")
+    return verify_source(wheel)
 
 
 def read_moses_smiles(wheel: str | Path, source_split: str) -> list[str]:

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import Dataset
 
 from .base import DiscreteDataset, save_npy_atomic, tensor_dataset, write_text_atomic
-from .fetch import DataSourceError, download_url, ensure_npm_tarball
+from .fetch import DataSourceError, download_url, ensure_npm_tarball, verify_source
 
 TEXT_ALPHABET = [" "] + [chr(c) for c in range(ord("a"), ord("z") + 1)]
 TEXT8_URL = "http://mattmahoney.net/dc/text8.zip"
@@ -137,7 +137,7 @@ def load_text8(data_dir: Path, seq_len: int = 250, download: bool = True) -> Dis
                 download_url(TEXT8_URL, archive, timeout=120)
             except DataSourceError as error:
                 raise DataSourceError(f"{error}\n{fix}") from error
-        for split, encoded in split_corpus(read_text8_zip(archive)).items():
+        for split, encoded in split_corpus(read_text8_zip(verify_source(archive))).items():
             save_npy_atomic(caches[split], encoded)
     splits = {split: np.load(path) for split, path in caches.items()}
     return text_dataset("text8", splits, seq_len)

@@ -23,11 +23,12 @@ enter model checkpoints (``describe()`` gives them for configs/checkpoints).
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..files import save_npz_atomic
 
 MAX_ENUMERATE_POSITIONS = 24  # 2^24 = 16.7M states: seconds; beyond that enumeration is impractical
 MAX_ALL_STATES_POSITIONS = 20  # (2^20, 20) int64 = 168 MB
@@ -326,9 +327,6 @@ class IsingModel:
                 )
             return torch.from_numpy(samples.astype(np.int64))
         samples = self.gibbs_samples(num_chains=num_chains, num_steps=num_steps, seed=seed, progress=progress)
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-        np.savez(temporary, samples=samples.numpy().astype(np.uint8),
-                 **{key: np.asarray(value) for key, value in parameters.items()})
-        os.replace(temporary, path)  # atomic: a crash never leaves a half-written cache file
+        save_npz_atomic(path, samples=samples.numpy().astype(np.uint8),
+                        **{key: np.asarray(value) for key, value in parameters.items()})
         return samples

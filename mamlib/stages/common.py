@@ -9,7 +9,9 @@ import torch
 from omegaconf import OmegaConf
 
 from ..checkpoint import check_same_data, load_checkpoint, load_model_state
-from ..experiment import Experiment, batched, config_dict, read_score_input, setup, write_score_output
+from ..errors import ConfigError
+from ..files import save_npy_atomic, write_text_atomic
+from ..experiment import Experiment, batched, config_dict, read_score_input, score_output_path, setup, write_score_output
 from ..nets import build_backbone
 from ..trainer import Trainer, epoch_batches, num_epoch_batches
 
@@ -78,7 +80,7 @@ def save_samples(exp: Experiment, dataset, samples: torch.Tensor, stem: str = "s
 
     run_dir = exp.run_dir
     array = samples.cpu().numpy()
-    np.save(run_dir / f"{stem}.npy", array)
+    save_npy_atomic(run_dir / f"{stem}.npy", array)
     metrics: dict = {}
     if dataset.kind == "image":
         height, width = dataset.image_shape
@@ -91,8 +93,8 @@ def save_samples(exp: Experiment, dataset, samples: torch.Tensor, stem: str = "s
             string_type = "SELFIES" if dataset.padding_symbol == "[nop]" else "SMILES"
             smiles = molecule_smiles(strings, string_type)
             metrics = validity_uniqueness(smiles)
-            (run_dir / f"{stem}_smiles.txt").write_text("\n".join(s or "INVALID" for s in smiles) + "\n")
-        (run_dir / f"{stem}.txt").write_text("\n".join(lines) + "\n")
+            write_text_atomic(run_dir / f"{stem}_smiles.txt", "\n".join(s or "INVALID" for s in smiles) + "\n")
+        write_text_atomic(run_dir / f"{stem}.txt", "\n".join(lines) + "\n")
     log.info("wrote %s samples to %s %s", len(array), run_dir / stem, metrics)
     return metrics
 
@@ -100,7 +102,7 @@ def save_samples(exp: Experiment, dataset, samples: torch.Tensor, stem: str = "s
 def resolve_checkpoint(exp: Experiment) -> Path:
     path = exp.checkpoint_to_load()
     if not Path(path).is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: pass loadpath=<run dir>/checkpoints/last.pt of a trained run "
+        raise ConfigError(f"no checkpoint at {path}: pass loadpath=<run dir>/checkpoints/last.pt of a trained run "
                                 "(or run with mode=train first, with the same hydra.run.dir)")
     return Path(path)
 
@@ -108,6 +110,7 @@ def resolve_checkpoint(exp: Experiment) -> Path:
 def score_file(exp: Experiment, num_positions: int, num_classes: int, function, what: str) -> None:
     """The score contract: ``score.input`` (M, D) ints with -1 = missing -> ``score.output`` float64 (M,) log-probabilities."""
     x, observed = read_score_input(exp.cfg.score.input, num_positions, num_classes)
+    score_output_path(exp.cfg.score.output)
     log_probs = batched(function, x, observed, exp.cfg.eval.batch_size, exp.device, desc="score")
     path = write_score_output(exp.cfg.score.output, log_probs.numpy())
     log.info("wrote %d log-probabilities (%s) to %s", len(log_probs), what, path)
@@ -121,9 +124,7 @@ def fit_on_data(exp: Experiment, dataset, net, objective, optimizer, meta: dict,
         batches=lambda epoch, start: epoch_batches(dataset.train, cfg.train.batch_size, epoch, cfg.seed, exp.dist, start),
         batches_per_epoch=num_epoch_batches(dataset.train, cfg.train.batch_size, exp.dist), run_dir=exp.run_dir,
         device=exp.device, dist_info=exp.dist, logger=exp.logger, checkpoint_meta=meta, evaluate=evaluate)
-    if cfg.resume:
-        trainer.resume()
-    trainer.fit()
+    trainer.run(resume=cfg.resume, overwrite=cfg.get("overwrite", False))
     if exp.dist.is_main:
         trainer.run_evaluation()
     return trainer
@@ -139,7 +140,7 @@ def load_trained(exp: Experiment, dataset, kind: str):
 def run_modes(cfg, run_dir, modes: dict, what: str, prepare):
     """Check ``mode``, set the run up, call ``modes[mode](exp, *prepare(exp))`` and always close the logger."""
     if cfg.mode not in modes:
-        raise ValueError(f"mode={cfg.mode!r} is unknown for {what}; use one of {sorted(modes)}")
+        raise ConfigError(f"mode={cfg.mode!r} is unknown for {what}; use one of {sorted(modes)}")
     exp = setup(cfg, run_dir)
     try:
         return modes[cfg.mode](exp, *prepare(exp))

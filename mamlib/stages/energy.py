@@ -17,6 +17,7 @@ from omegaconf import OmegaConf
 from .. import arm
 from ..evaluation import bits_per_dim, time_callable, write_report
 from ..experiment import Experiment, batched, make_optimizer
+from ..files import save_npy_atomic, write_text_atomic
 from ..marginal import log_marginal, normalized_log_marginal, self_consistency_residual
 from ..nets import build_backbone
 from ..orders import fixed_order
@@ -188,9 +189,7 @@ def train(exp: Experiment, target, info) -> None:
         run_dir=exp.run_dir, device=exp.device, dist_info=exp.dist, logger=exp.logger,
         checkpoint_meta=checkpoint_meta(KIND, exp, info, cfg.arch, has_marginal=is_mam(cfg)),
         extra_parameters=extra)
-    if cfg.resume:
-        trainer.resume()
-    trainer.fit()
+    trainer.run(resume=cfg.resume, overwrite=cfg.get("overwrite", False))
 
 
 def load_trained(exp: Experiment, info):
@@ -283,8 +282,8 @@ def plot_samples(exp: Experiment, target, samples: torch.Tensor, stem: str) -> d
                     title=f"{cfg.metric_name}, target {cfg.target_value}, tau {cfg.tau}", xlabel=cfg.metric_name)
     strings = target.strings(samples)
     smiles = target.smiles(samples)
-    (exp.run_dir / f"{stem}_{cfg.string_type.lower()}.txt").write_text("\n".join(strings) + "\n")
-    (exp.run_dir / f"{stem}_smiles.txt").write_text("\n".join(s or "INVALID" for s in smiles) + "\n")
+    write_text_atomic(exp.run_dir / f"{stem}_{cfg.string_type.lower()}.txt", "\n".join(strings) + "\n")
+    write_text_atomic(exp.run_dir / f"{stem}_smiles.txt", "\n".join(s or "INVALID" for s in smiles) + "\n")
     finite = properties[np.isfinite(properties)]
     summary = {**validity_uniqueness(smiles), "property_mean": float(finite.mean()) if len(finite) else float("nan"),
                "property_std": float(finite.std()) if len(finite) else float("nan"),
@@ -297,7 +296,7 @@ def generate(exp: Experiment, target, info) -> dict:
     cfg = exp.cfg
     net, mam_model = load_trained(exp, info)
     samples = draw_samples(exp, net, cfg.generate.num_samples, mam_model)
-    np.save(exp.run_dir / "samples.npy", samples.numpy())
+    save_npy_atomic(exp.run_dir / "samples.npy", samples.numpy())
     report = {"unconditional": plot_samples(exp, target, samples, "samples"), "num_samples": len(samples)}
     if cfg.target == "molecule" and cfg.generate.molecule:
         import selfies
