@@ -90,31 +90,32 @@ def correlation_summary(reference, candidate) -> dict:
 def aggregate_correlations(groups, threshold: float) -> dict:
     """Kept-count-weighted mean correlations over groups of (reference, candidate) log-likelihoods.
 
-    Per group the samples are filtered by :func:`separated_indices` on the reference; groups with
-    fewer than 2 kept samples, or a NaN correlation, are skipped. NaN results when no group counts.
+    Per group the samples are filtered by :func:`separated_indices` on the reference; a group with fewer than 2
+    kept samples, or a NaN correlation (a constant side), has no defined correlation: it is left out of the means
+    and counted in ``num_undefined``. NaN results when no group counts.
     """
     weighted_spearman = weighted_pearson = 0.0
-    num_groups = num_points = 0
+    num_groups = num_points = num_undefined = 0
     for reference, candidate in groups:
         reference = _as_numpy_1d(reference, "reference")
         candidate = _as_numpy_1d(candidate, "candidate")
         kept = separated_indices(reference, threshold)
-        if kept.size < 2:
-            continue
-        summary = correlation_summary(reference[kept], candidate[kept])
-        if math.isnan(summary["spearman"]) or math.isnan(summary["pearson"]):
+        summary = correlation_summary(reference[kept], candidate[kept]) if kept.size >= 2 else None
+        if summary is None or math.isnan(summary["spearman"]) or math.isnan(summary["pearson"]):
+            num_undefined += 1
             continue
         weighted_spearman += summary["spearman"] * summary["n"]
         weighted_pearson += summary["pearson"] * summary["n"]
         num_groups += 1
         num_points += summary["n"]
     if num_points == 0:
-        return {"spearman": math.nan, "pearson": math.nan, "num_groups": 0, "num_points": 0}
+        return {"spearman": math.nan, "pearson": math.nan, "num_groups": 0, "num_points": 0, "num_undefined": num_undefined}
     return {
         "spearman": weighted_spearman / num_points,
         "pearson": weighted_pearson / num_points,
         "num_groups": num_groups,
         "num_points": num_points,
+        "num_undefined": num_undefined,
     }
 
 
