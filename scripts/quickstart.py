@@ -25,6 +25,10 @@ def run(stage: str, run_dir: Path, *overrides: str) -> float:
 
 
 def main() -> None:
+    if OUT.exists():  # keep an earlier quick start instead of training over its checkpoints
+        kept = OUT.with_name(f"quickstart-{time.strftime('%Y%m%d-%H%M%S', time.localtime(OUT.stat().st_mtime))}")
+        OUT.rename(kept)
+        print(f"moved the previous quick start to {kept}", flush=True)
     stage1, stage2 = OUT / "stage1", OUT / "stage2"
     timings = {}
     timings["stage 1 train"] = run("ao_arm", stage1)
