@@ -15,6 +15,7 @@ from ..checkpoint import CheckpointError
 from ..calibration import CalibrationSet, flat_gap_metrics, gap_summary, group_error_summary
 from ..evaluation import aggregate_correlations, bits_per_dim, correlation_summary, time_callable, write_report
 from ..experiment import Experiment, batched, make_optimizer
+from ..files import atomic_write, save_npz_atomic, write_text_atomic
 from ..marginal import normalized_log_marginal, self_consistency_loss
 from ..orders import random_order
 from ..plots import save_image_grid, save_regenerated_panel, save_scatter
@@ -195,7 +196,7 @@ def save_figure4(exp: Experiment, dataset, groups: list[dict], scored: dict, cou
     log-likelihoods (PNG for images, text otherwise), plus figure4/groups.npz with every array."""
     folder = exp.run_dir / "figure4"
     folder.mkdir(exist_ok=True)
-    np.savez(folder / "groups.npz", variants=np.stack([g["variants"].numpy() for g in groups]),
+    save_npz_atomic(folder / "groups.npz", variants=np.stack([g["variants"].numpy() for g in groups]),
              observed=np.stack([g["observed"].numpy() for g in groups]), steps=np.stack([g["steps"].numpy() for g in groups]),
              ao_arm_e=np.stack(scored["reference"]), ao_arm_s=np.stack(scored["single"]), mam=np.stack(scored["marginal"]))
     for index, group in enumerate(groups[:count]):
@@ -206,7 +207,7 @@ def save_figure4(exp: Experiment, dataset, groups: list[dict], scored: dict, cou
         else:
             lines = [f"masked {steps}: MaM {mam:.2f}  AO-ARM-E {ref:.2f}  |  {dataset.decode(row)}"
                      for (steps, mam, ref), row in zip(values, group["variants"].numpy())]
-            (folder / f"example_{index}.txt").write_text("\n".join(lines) + "\n")
+            write_text_atomic(folder / f"example_{index}.txt", "\n".join(lines) + "\n")
 
 
 @torch.no_grad()
@@ -340,8 +341,8 @@ def generate(exp: Experiment, dataset) -> dict:
         log_marginal = normalized_log_marginal(net, samples, full)
         log_chain = arm.chain_rule_log_prob(net, samples, full)
         metrics = save_samples(exp, dataset, samples.cpu(), stem=f"samples_{name}")
-        np.savetxt(exp.run_dir / f"samples_{name}_loglik.txt", np.stack([log_marginal.cpu().numpy(), log_chain.cpu().numpy()], 1),
-                   header="MaM_log_marginal AO-ARM-S_chain_rule (nats)")
+        atomic_write(exp.run_dir / f"samples_{name}_loglik.txt", lambda handle, values=np.stack([log_marginal.cpu().numpy(), log_chain.cpu().numpy()], 1): np.savetxt(handle, values,
+                     header="MaM_log_marginal AO-ARM-S_chain_rule (nats)"))
         report[name] = {**metrics, "mean_log_marginal": log_marginal.mean().item(), "mean_log_chain_rule": log_chain.mean().item()}
     report["conditional"]["template"] = description
     if dataset.kind == "image":
