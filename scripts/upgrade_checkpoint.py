@@ -1,6 +1,6 @@
 """Rewrite a format-1 checkpoint (pickled numpy RNG state) as format 2, which loads with weights_only=True.
 
-Unpickling a format-1 file can run code, so do this only for checkpoints you wrote yourself:
+A format-1 file is read with weights_only=True, allowing only the numpy types its RNG state holds (no code runs):
     python scripts/upgrade_checkpoint.py <run dir>/checkpoints/last.pt [more.pt ...]
 The old file is kept next to the new one as <name>.format1.
 """
@@ -25,8 +25,14 @@ def plain_rng(rng: dict) -> dict:
                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
 
 
+# what a format-1 numpy RNG state (a uint32 array) unpickles to; nothing else is allowed
+NUMPY_RNG_GLOBALS = [getattr(np, "_core", getattr(np, "core", None)).multiarray._reconstruct, np.ndarray, np.dtype,
+                     type(np.dtype(np.uint32))]
+
+
 def upgrade(path: Path) -> None:
-    payload = torch.load(path, map_location="cpu", weights_only=False)  # trusted by the caller, see the docstring
+    with torch.serialization.safe_globals(NUMPY_RNG_GLOBALS):
+        payload = torch.load(path, map_location="cpu", weights_only=True)
     if payload.get("format_version") != 1:
         raise SystemExit(f"{path}: format {payload.get('format_version')}, not 1; nothing to do")
     payload.pop("format_version")
