@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test quickstart clean-venv
+.PHONY: setup test test-slow test-all quickstart clean-venv
 
 setup: $(STAMP)
 
@@ -16,6 +16,13 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $(STAMP)
 
 test: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+# The minutes-long end-to-end runs (image and molecule pipelines, ARM baselines); CI runs both sets.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+test-all: $(STAMP)
 	$(PY) -m pytest -q
 
 quickstart: $(STAMP)

@@ -1,7 +1,7 @@
 """Stage 1 (any-order ARM) on the text config: python text_main.py [mode=train|eval|generate|score] [preset=tiny|cpu] [key=value ...]"""
 import hydra
 
-from mamlib.cli import run_script
+from mamlib.cli import check_command_line, run_script
 
 
 @hydra.main(config_path="../configs", config_name="ao_arm_text", version_base="1.3")
@@ -10,4 +10,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
+    check_command_line("ao_arm_text")  # Hydra's own errors as one line, exit 2
     main()

@@ -2,7 +2,7 @@
 python seq_main.py load_pretrain=True loadpath_pretrain=<stage-1 checkpoint> [mode=train|eval|generate|score] [preset=tiny|cpu]"""
 import hydra
 
-from mamlib.cli import run_script
+from mamlib.cli import check_command_line, run_script
 
 
 @hydra.main(config_path="../configs", config_name="mam_seq", version_base="1.3")
@@ -11,4 +11,5 @@ def main(cfg):
 
 
 if __name__ == "__main__":
+    check_command_line("mam_seq")  # Hydra's own errors as one line, exit 2
     main()

@@ -162,3 +162,32 @@ def run_script(cfg: DictConfig, stage: str) -> None:
             raise
         print(f"error: {one_line(error)}", file=sys.stderr, flush=True)
         sys.exit(USER_ERROR_EXIT_CODE)
+
+
+CONFIG_DIR = PACKAGE_DIR.parent / "configs"
+
+
+def check_command_line(config_name: str, argv: list[str] | None = None) -> None:
+    """Compose ``config_name`` with the command line's overrides before Hydra runs, so that Hydra's own errors (an
+    unknown key or option, bad override syntax) are one ``error:`` line with exit code 2 like the project's.
+
+    Skipped when Hydra flags are given (``--cfg``, ``--multirun``, ``--help`` ...): Hydra handles those itself.
+    """
+    argv = sys.argv[1:] if argv is None else argv
+    if any(arg.startswith("-") for arg in argv) or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            compose(config_name, overrides=argv, return_hydra_config=True)
+    except (HydraException, OmegaConfBaseException) as error:
+        message = one_line(error).split(" Config search path:")[0]  # the search path is noise for a mistyped option
+        if message.startswith("Could not override '") and "To append to your config use +" in message:
+            key = message.split("'")[1]
+            message = (f"unknown key '{key}': this script defines no such option; drop the override or fix its name "
+                       "(`--cfg job` lists every key)")
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        sys.exit(USER_ERROR_EXIT_CODE)

@@ -1,25 +1,35 @@
 """Compare stage-2 checkpoints that share frozen conditionals: the marginal network's gap to AO-ARM-E, in nats.
 
     python scripts/marginal_gap.py RUN_A/checkpoints/last.pt RUN_B/checkpoints/last.pt [--examples 3] [--orders 3]
-        [--fractions 1.0 0.5] [--data-dir data]
+        [--fractions 1.0 0.5] [--groups 4] [--data-dir data]
 
 The AO-ARM-E reference is computed once (from the first checkpoint's conditionals) on seeded test examples of the
-checkpoint's dataset and reused for every checkpoint; prints one JSON line per checkpoint. Used for the README ablations.
+checkpoint's dataset and reused for every checkpoint; prints one JSON line per checkpoint. With ``--groups N`` it also
+ranks: N test examples masked and regenerated as in stage-2 ``eval`` (``eval.mask_steps`` 100/400/700, images and text),
+scored once by AO-ARM-E, and every checkpoint's pooled and per-group correlations with them (threshold 5 nats).
+Used for the README ablations.
 """
 from __future__ import annotations
 
 import argparse
 import json
+from types import SimpleNamespace
 
+import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from mamlib import arm
+from mamlib.calibration import gap_summary
+from mamlib.evaluation import aggregate_correlations, correlation_summary
+from mamlib.experiment import batched
+from mamlib.marginal import normalized_log_marginal
 from mamlib.calibration import CalibrationSet
 from mamlib.checkpoint import load_checkpoint
 from mamlib.data import load_dataset
 from mamlib.runtime import default_data_dir
 from mamlib.stages.common import net_from_checkpoint
-from mamlib.stages.mam_mle import sample_rows
+from mamlib.stages.mam_mle import regenerated_groups, sample_rows
 
 
 def main() -> None:
@@ -31,6 +41,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--steps-per-pass", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--groups", type=int, default=0, help="regenerated test examples for correlations (0: none)")
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -39,7 +50,7 @@ def main() -> None:
     dataset_cfg["name"] = dataset_cfg["name"].lower()  # moses_SMILES -> moses_smiles, as the scripts do
     dataset = load_dataset(OmegaConf.create(dataset_cfg), args.data_dir or default_data_dir())
     rows = sample_rows(dataset.test, args.examples, args.seed)
-    calibration = None
+    calibration = groups = None
     for path in args.checkpoints:
         net, payload, _ = net_from_checkpoint(path, ("mam",), dataset.describe(), device,
                                               image_shape=getattr(dataset, "image_shape", None))
@@ -47,7 +58,32 @@ def main() -> None:
         if calibration is None:  # the conditionals are frozen in stage 2: one reference serves every checkpoint
             calibration = CalibrationSet(net, rows, args.fractions, args.orders, args.batch_size, device,
                                          args.steps_per_pass, seed=args.seed)
-        print(json.dumps({"checkpoint": path, "step": payload["step"], **calibration.measure(net)}), flush=True)
+        result = {"checkpoint": path, "step": payload["step"], **calibration.measure(net)}
+        if args.groups:
+            if groups is None:
+                groups = regenerated_reference(net, dataset, args)
+            marginal = [batched(lambda x, m: normalized_log_marginal(net, x, m), variants, torch.ones_like(variants, dtype=torch.bool),
+                                args.batch_size, device).numpy() for variants in groups["variants"]]
+            result["pooled"] = correlation_summary(np.concatenate(groups["reference"]), np.concatenate(marginal))
+            result["per_group"] = aggregate_correlations(list(zip(groups["reference"], marginal)), THRESHOLD)
+            result["groups_gap"] = gap_summary(np.concatenate(marginal), np.concatenate(groups["reference"]))
+        print(json.dumps(result), flush=True)
+
+
+THRESHOLD = 5.0  # nats, as eval.threshold
+
+
+@torch.no_grad()
+def regenerated_reference(net, dataset, args) -> dict:
+    """The regenerated groups of stage-2 eval (mask_steps 100/400/700, one variant each) and their AO-ARM-E values."""
+    cfg = OmegaConf.create({"seed": args.seed, "eval": {"variants_per_level": 1, "mask_steps": [100, 400, 700]}})
+    groups = regenerated_groups(SimpleNamespace(cfg=cfg, device=torch.device("cpu")), net,
+                                sample_rows(dataset.test, args.groups, args.seed + 2))
+    variants = [group["variants"] for group in groups]
+    reference = [batched(lambda x, m: arm.ensemble_log_prob(net, x, args.orders, m, args.steps_per_pass), rows,
+                         torch.ones_like(rows, dtype=torch.bool), args.batch_size, torch.device("cpu"),
+                         desc="AO-ARM-E groups").numpy() for rows in variants]
+    return {"variants": variants, "reference": reference}
 
 
 if __name__ == "__main__":

@@ -50,7 +50,13 @@ STAGES = {  # name: (script suffix, dataset overrides, D, K, image?)
 }
 
 
-@pytest.mark.parametrize("name", sorted(STAGES))
+# The image pipeline (784 positions) and the molecule pipeline take minutes: CI runs them (`make test-slow`);
+# text runs the same stage-1 -> stage-2 code with every `make test`.
+SLOW_STAGES = {"image", "mol"}
+
+
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_STAGES else name
+                                  for name in sorted(STAGES)])
 def test_stage1_then_stage2(name, tmp_path):
     script, data, dim, num_classes = STAGES[name]
     stage1 = tmp_path / "stage1"
@@ -103,7 +109,7 @@ def test_seq_scripts_and_bad_inputs(tmp_path):
     assert "(M, 8)" in result.stderr
 
 
-@pytest.mark.parametrize("model", ["MAM", "ARM"])
+@pytest.mark.parametrize("model", ["MAM", pytest.param("ARM", marks=pytest.mark.slow)])
 def test_ising_energy_based(model, tmp_path):
     run("mam/ising_eb_main.py", tmp_path, f"model={model}")
     run("mam/ising_eb_main.py", tmp_path, f"model={model}", "mode=evaluate")
@@ -122,7 +128,7 @@ def test_ising_energy_based(model, tmp_path):
         assert np.all(scores < 0)
 
 
-@pytest.mark.parametrize("model", ["MAM", "ARM"])
+@pytest.mark.parametrize("model", ["MAM", pytest.param("ARM", marks=pytest.mark.slow)])
 def test_molecule_energy_based(model, tmp_path):
     run("mam/mol_property_eb_main.py", tmp_path, f"model={model}")
     run("mam/mol_property_eb_main.py", tmp_path, f"model={model}", "mode=generate")

@@ -152,18 +152,15 @@ def regenerated_groups(exp: Experiment, net, rows: torch.Tensor) -> list[dict]:
     cfg = exp.cfg.eval
     dim, repeats = rows.shape[1], cfg.variants_per_level
     generator = torch.Generator().manual_seed(int(exp.cfg.seed) + 777)
-    groups = []
-    for row in rows:
-        x = row.to(exp.device).unsqueeze(0).repeat(repeats, 1)
-        order = random_order(1, dim, generator=generator).to(exp.device).repeat(repeats, 1)
-        variants, observed, steps = [], [], []
-        for count in cfg.mask_steps:
-            count = min(int(count), dim)
-            variants.append(arm.censor_and_resample(net, x, count, order))
-            observed.append(order < dim - count)
-            steps += [count] * repeats
-        groups.append({"variants": torch.cat(variants).cpu(), "observed": torch.cat(observed).cpu(), "steps": torch.tensor(steps)})
-    return groups
+    orders = random_order(len(rows), dim, generator=generator).to(exp.device).repeat_interleave(repeats, 0)
+    x = rows.to(exp.device).repeat_interleave(repeats, 0)
+    levels = [min(int(count), dim) for count in cfg.mask_steps]
+    # every example at once per level: one sampling pass per step for the whole set, not one per example
+    variants = [arm.censor_and_resample(net, x, count, orders).cpu().view(len(rows), repeats, dim) for count in levels]
+    observed = [(orders < dim - count).cpu().view(len(rows), repeats, dim) for count in levels]
+    steps = torch.tensor(levels).repeat_interleave(repeats)
+    return [{"variants": torch.cat([level[i] for level in variants]), "observed": torch.cat([level[i] for level in observed]),
+             "steps": steps} for i in range(len(rows))]
 
 
 def real_groups(exp: Experiment, dataset) -> list[torch.Tensor]:
