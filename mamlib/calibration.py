@@ -40,7 +40,7 @@ class CalibrationSet:
     """Fixed rows, each observed at one of ``fractions`` of its positions, with their AO-ARM-E references cached."""
 
     def __init__(self, net, rows: torch.Tensor, fractions, orders: int, batch_size: int, device, steps_per_pass: int = 1,
-                 seed: int = 0):
+                 seed: int = 0, reference=None):
         generator = torch.Generator().manual_seed(seed)
         self.labels, xs, masks = [], [], []
         for fraction in fractions:
@@ -49,6 +49,9 @@ class CalibrationSet:
             self.labels += [fraction_label(float(fraction))] * len(rows)
         self.x, self.mask = torch.cat(xs), torch.cat(masks)
         self.batch_size, self.device = batch_size, device
+        if reference is not None:  # cached by the caller for the same rows, fractions and seed
+            self.reference = np.asarray(reference)
+            return
         with torch.no_grad():
             self.reference = batched(lambda x, m: arm.ensemble_log_prob(net, x, orders, m, steps_per_pass), self.x, self.mask,
                                      batch_size, device, desc="AO-ARM-E reference").numpy()

@@ -49,6 +49,7 @@ FIELDS: dict[str, Field] = {
     "seed": at_least(0), "resume": Field(bool), "overwrite": Field(bool), "debug": Field(bool), "compile": Field(bool),
     "device": Field(str), "loadpath": Field(str, null=True), "data_dir": Field(str, null=True),
     "logger.mode": one_of("offline", "online", "disabled"),
+    "marginal_init": one_of("scratch", "conditional"),
     "train.n_epochs": at_least(1), "train.max_steps": at_least(1, null=True), "train.max_minutes": positive(float, null=True),
     "train.batch_size": at_least(1), "train.effective_batch": at_least(1, null=True), "train.optimizer": one_of("adam", "adamw"),
     "train.lr": positive(float), "train.weight_decay": at_least(0, float), "train.clip": Field(float, null=True),

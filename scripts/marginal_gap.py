@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -32,6 +33,7 @@ from mamlib.stages.common import net_from_checkpoint
 from mamlib.stages.mam_mle import regenerated_groups, sample_rows
 
 
+@torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoints", nargs="+")
@@ -42,6 +44,7 @@ def main() -> None:
     parser.add_argument("--steps-per-pass", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--groups", type=int, default=0, help="regenerated test examples for correlations (0: none)")
+    parser.add_argument("--cache", default=None, help=".npz for the AO-ARM-E references (made if missing, reused if present)")
     parser.add_argument("--data-dir", default=None)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -56,12 +59,18 @@ def main() -> None:
                                               image_shape=getattr(dataset, "image_shape", None))
         net.eval()
         if calibration is None:  # the conditionals are frozen in stage 2: one reference serves every checkpoint
+            cached = dict(np.load(args.cache)) if args.cache and Path(args.cache).exists() else {}
             calibration = CalibrationSet(net, rows, args.fractions, args.orders, args.batch_size, device,
-                                         args.steps_per_pass, seed=args.seed)
+                                         args.steps_per_pass, seed=args.seed, reference=cached.get("calibration"))
+            if args.groups and "group_variants" in cached:
+                groups = {"variants": list(torch.from_numpy(cached["group_variants"])), "reference": list(cached["group_reference"])}
         result = {"checkpoint": path, "step": payload["step"], **calibration.measure(net)}
         if args.groups:
             if groups is None:
                 groups = regenerated_reference(net, dataset, args)
+                if args.cache:
+                    np.savez(args.cache, calibration=calibration.reference, group_variants=torch.stack(groups["variants"]).numpy(),
+                             group_reference=np.stack(groups["reference"]))
             marginal = [batched(lambda x, m: normalized_log_marginal(net, x, m), variants, torch.ones_like(variants, dtype=torch.bool),
                                 args.batch_size, device).numpy() for variants in groups["variants"]]
             result["pooled"] = correlation_summary(np.concatenate(groups["reference"]), np.concatenate(marginal))

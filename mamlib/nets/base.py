@@ -37,6 +37,11 @@ class Backbone(nn.Module):
     def conditional_parameter_names(self) -> list[str]:
         return [n for n, _ in self.named_parameters() if not n.startswith(self.marginal_prefixes)]
 
+    def warm_start_marginal(self) -> bool:
+        """Copy trained conditional layers into the marginal branch's matching layers; False when the branch has none
+        of its own (transformer, MLP: the marginal head already reads the shared, trained features)."""
+        return False
+
 
 MARGINAL_HEADS = ("pooled", "sum")
 

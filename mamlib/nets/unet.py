@@ -222,6 +222,13 @@ class UNet(Backbone):
             self.marginal_head = MarginalHead(channels, self.num_positions, marginal_hidden, marginal_head)
             self.marginal_prefixes = ("marginal_up.", "marginal_head.")
 
+    def warm_start_marginal(self) -> bool:
+        """The marginal up path starts as a copy of the trained conditional up path (same shapes), not at random."""
+        if not self.has_marginal:
+            return False
+        self.marginal_up.load_state_dict(self.up.state_dict())
+        return True
+
     def _check_inputs(self, x: torch.Tensor, observed_mask: torch.Tensor):
         if x.dim() != 2 or x.shape[1] != self.num_positions:
             raise ValueError(f"x must be (batch, {self.num_positions}) = flattened {self.image_shape} images, "
