@@ -177,3 +177,20 @@ def test_float_input_channels_are_scaled_value_and_mask():
     expected_value = torch.where(observed, x.float() / 2.0 - 1.0, torch.zeros(()))
     assert torch.equal(value_channel, expected_value)
     assert torch.equal(mask_channel, observed.float())
+
+
+def test_warm_start_copies_the_conditional_up_path_and_keeps_f_zero():
+    """marginal_init=conditional: the marginal up path becomes the trained conditional one; the sum head still starts at
+    f = 0 (its output conv is zero), so the first steps start from the same loss as a random marginal branch."""
+    model = randomize_(UNet(**SMALL, marginal=True, marginal_head="sum"))
+    with torch.no_grad():  # the heads' usual zero init (randomize_ overwrote it)
+        model.marginal_head.to_map[-1].weight.zero_()
+        model.marginal_head.to_map[-1].bias.zero_()
+        model.marginal_head.sum.empty.zero_()
+    up = {name: value.clone() for name, value in model.up.state_dict().items()}
+    assert any(not torch.equal(value, model.marginal_up.state_dict()[name]) for name, value in up.items())
+    assert model.warm_start_marginal()
+    assert all(torch.equal(value, model.marginal_up.state_dict()[name]) for name, value in up.items())
+    x, observed = make_inputs()
+    assert torch.equal(model(x, observed, need_logits=False, need_marginal=True)[0], torch.zeros(len(x)))
+    assert not UNet(**SMALL).warm_start_marginal()  # no marginal branch: nothing to copy
