@@ -187,6 +187,8 @@ def read_metrics_jsonl(metrics_jsonl_path) -> dict[str, tuple[np.ndarray, np.nda
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
+                if not line.endswith("\n"):  # a last line cut short by a kill: the records before it stand
+                    continue
                 raise ValueError(f"{metrics_jsonl_path}:{line_number} is not valid JSON ({error}); fix or delete that line") from None
             if not isinstance(record, dict) or not _is_number(record.get("step")):
                 continue

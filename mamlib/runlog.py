@@ -28,6 +28,7 @@ class RunLogger:
         if not enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        drop_partial_last_line(self.metrics_path)
         if mode != "disabled":
             # keep wandb's caches out of ~/.cache unless the user chose a place (the run itself goes to dir= below)
             os.environ.setdefault("WANDB_CACHE_DIR", str(self.run_dir / "wandb" / "cache"))
@@ -51,6 +52,17 @@ class RunLogger:
         if self.wandb_run is not None:
             self.wandb_run.finish()
             self.wandb_run = None
+
+
+def drop_partial_last_line(path: Path) -> None:
+    """A kill during an append can leave a last line without its newline; cut it so that a resumed run's records
+    start on a line of their own instead of being glued to half a record."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as handle:
+        data = handle.read()
+        if not data.endswith(b"\n"):
+            handle.truncate(data.rfind(b"\n") + 1)
 
 
 def _json_default(value):

@@ -24,3 +24,13 @@ def test_disabled_logger_still_writes_metrics_and_bad_mode_fails(tmp_path):
     silent = RunLogger(tmp_path / "other", mode="offline", enabled=False)  # non-main ranks write nothing
     silent.log({"x": 1}, step=1)
     assert not (tmp_path / "other").exists()
+
+
+def test_a_record_cut_short_by_a_kill_is_dropped_not_glued_to_the_next(tmp_path):
+    from mamlib.plots import read_metrics_jsonl
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "train/loss": 2.0}\n{"step": 2, "train/lo')  # killed during the second append
+    assert read_metrics_jsonl(path)["train/loss"][1].tolist() == [2.0]  # readable as it is
+    logger = RunLogger(tmp_path, mode="disabled")  # a resumed run
+    logger.log({"train/loss": 1.0}, step=2)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 2]
