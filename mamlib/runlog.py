@@ -60,9 +60,11 @@ def drop_partial_last_line(path: Path) -> None:
     if not path.exists() or path.stat().st_size == 0:
         return
     with open(path, "rb+") as handle:
-        data = handle.read()
-        if not data.endswith(b"\n"):
-            handle.truncate(data.rfind(b"\n") + 1)
+        handle.seek(-1, os.SEEK_END)
+        if handle.read(1) == b"\n":  # the usual case: only the last byte is read
+            return
+        handle.seek(0)
+        handle.truncate(handle.read().rfind(b"\n") + 1)
 
 
 def _json_default(value):

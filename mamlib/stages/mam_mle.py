@@ -41,9 +41,8 @@ def load_stage1(exp: Experiment, dataset):
     if set(missing) != expected:
         raise CheckpointError(f"{cfg.loadpath_pretrain}: expected exactly the marginal-head keys to be missing, "
                               f"got {sorted(set(missing) ^ expected)[:8]} differing")
-    if cfg.get("marginal_init", "scratch") == "conditional":  # a resumed run then loads its own weights over these
-        if net.warm_start_marginal():
-            log.info("marginal branch initialised from the trained conditional layers (marginal_init=conditional)")
+    if cfg.get("marginal_init", "scratch") == "conditional" and net.warm_start_marginal():  # a resumed run then loads its own weights over these
+        log.info("marginal branch initialised from the trained conditional layers (marginal_init=conditional)")
     if cfg.freeze_conditional:
         for name, parameter in net.named_parameters():
             parameter.requires_grad = name.startswith(net.marginal_prefixes)
