@@ -19,6 +19,23 @@ def conditional_log_probs(net, x, observed_mask) -> torch.Tensor:
     return F.log_softmax(logits.float(), dim=-1)
 
 
+def position_log_prob(net, x, observed_mask, position) -> torch.Tensor:
+    """(B,) float32 log p(x_j | x_S) at one position j = ``position[b]`` per row.
+
+    Asks the backbone for that position's K logits only: normalising all D positions (and keeping them for
+    backward) costs up to D times the work and memory for one number per row.
+    """
+    logits = net(x, observed_mask, need_logits=True, need_marginal=False, positions=position)[1]
+    return value_log_prob(logits, x, position)
+
+
+def value_log_prob(position_logits: torch.Tensor, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
+    """(B,) log-softmax of (B, K) logits at one position per row, evaluated at that row's value there."""
+    rows = torch.arange(x.shape[0], device=x.device)
+    log_probs = F.log_softmax(position_logits.float(), dim=-1)
+    return log_probs.gather(-1, x[rows, position].unsqueeze(-1)).squeeze(-1)
+
+
 def value_log_probs(log_probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """(B, D) log-probability of the value x_j at every position j."""
     return log_probs.gather(-1, x.unsqueeze(-1)).squeeze(-1)
@@ -58,10 +75,7 @@ def chain_rule_log_prob(net, x, observed_mask=None, order=None, steps_per_pass: 
         step_per_row = steps.repeat_interleave(batch)  # (chunk*B,)
         rank_rep = order.repeat(chunk, 1)
         x_rep = x.repeat(chunk, 1)
-        log_probs = conditional_log_probs(net, x_rep, observed_before(rank_rep, step_per_row))
-        position = index_at(rank_rep, step_per_row)
-        rows = torch.arange(len(position), device=x.device)
-        picked = log_probs[rows, position, x_rep[rows, position]]
+        picked = position_log_prob(net, x_rep, observed_before(rank_rep, step_per_row), index_at(rank_rep, step_per_row))
         valid = step_per_row < counts.repeat(chunk)
         total += (picked.double() * valid).view(chunk, batch).sum(0)
     return total
@@ -82,13 +96,12 @@ def ensemble_log_prob(net, x, num_orders: int = 5, observed_mask=None, steps_per
     return combine_orders(per_order_log_probs(net, x, num_orders, observed_mask, steps_per_pass))
 
 
-def _one_step_setup(net, x, order, generator, step=None):
+def _one_step_setup(x, order, generator, step=None):
     batch, dim = x.shape
     rank = random_order(batch, dim, device=x.device, generator=generator) if order is None else order
     if step is None:
         step = torch.randint(0, dim, (batch,), device=x.device, generator=generator)
-    observed = observed_before(rank, step)
-    return rank, step, observed, conditional_log_probs(net, x, observed)
+    return rank, step, observed_before(rank, step)
 
 
 def one_step_log_prob(net, x, order=None, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -96,15 +109,14 @@ def one_step_log_prob(net, x, order=None, generator: torch.Generator | None = No
 
     With ``order=None`` sigma is drawn per row, so the estimate is of E_sigma log p_sigma(x). float64 (B,).
     """
-    rank, step, _, log_probs = _one_step_setup(net, x, order, generator)
-    position = index_at(rank, step)
-    rows = torch.arange(x.shape[0], device=x.device)
-    return x.shape[1] * log_probs[rows, position, x[rows, position]].double()
+    rank, step, observed = _one_step_setup(x, order, generator)
+    return x.shape[1] * position_log_prob(net, x, observed, index_at(rank, step)).double()
 
 
 def one_step_mean_log_prob(net, x, order=None, generator: torch.Generator | None = None, step=None) -> torch.Tensor:
     """Mean over all unobserved positions of log p(x_j | x_sigma(<t)): a one-pass estimate of log p(x)/D (float32, with grad)."""
-    _, _, observed, log_probs = _one_step_setup(net, x, order, generator, step)
+    _, _, observed = _one_step_setup(x, order, generator, step)
+    log_probs = conditional_log_probs(net, x, observed)
     unobserved = (~observed).float()
     return (value_log_probs(log_probs, x) * unobserved).sum(1) / unobserved.sum(1)
 
@@ -127,7 +139,7 @@ def sample(net, x, observed_mask, order=None, temperature: float = 1.0, generato
         is_new = ~known[rows, position]
         if not is_new.any():
             continue
-        logits = net(x, known, need_logits=True, need_marginal=False)[1][rows, position].float()
+        logits = net(x, known, need_logits=True, need_marginal=False, positions=position)[1].float()
         probs = F.softmax(logits / temperature, dim=-1)
         drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         x[rows, position] = torch.where(is_new, drawn, x[rows, position])

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import pearsonr, spearmanr
 
 from .files import write_json_atomic, write_text_atomic
 
@@ -81,6 +80,8 @@ def correlation_summary(reference, candidate) -> dict:
     count = int(reference.size)
     spearman = pearson = math.nan
     if count >= 2 and np.ptp(reference) > 0 and np.ptp(candidate) > 0:
+        from scipy.stats import pearsonr, spearmanr  # imported on first use: heavy, and most runs never call it
+
         spearman = float(spearmanr(candidate, reference).statistic)
         pearson = float(pearsonr(candidate, reference).statistic)
     mean_abs_error = float(np.mean(np.abs(reference - candidate))) if count else math.nan

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .arm import conditional_log_probs, value_log_probs
+from .arm import conditional_log_probs, value_log_prob, value_log_probs
 from .orders import index_at, observed_before, order_observed_first, random_order
 
 
@@ -39,11 +39,9 @@ def self_consistency_terms(net, x, order=None, generator=None) -> dict:
         order = random_order(batch, dim, device=x.device, generator=generator)
     step = torch.randint(0, dim, (batch,), device=x.device, generator=generator)  # 0-based index of sigma(d)
     prefix_mask = observed_before(order, step)
-    f_prefix, logits = net(x, prefix_mask, need_logits=True, need_marginal=True)
-    log_probs = torch.log_softmax(logits.float(), dim=-1)
-    rows = torch.arange(batch, device=x.device)
     position = index_at(order, step)
-    log_conditional = log_probs[rows, position, x[rows, position]]
+    f_prefix, logits = net(x, prefix_mask, need_logits=True, need_marginal=True, positions=position)
+    log_conditional = value_log_prob(logits, x, position)
     empty_x, empty_mask = empty_like_rows(x)
     extended_mask = observed_before(order, step + 1)
     f_rest = log_marginal(net, torch.cat([x, empty_x]), torch.cat([extended_mask, empty_mask])).float()

@@ -9,21 +9,25 @@ import json
 import math
 from pathlib import Path
 
-import matplotlib
+import numpy as np
 
-matplotlib.use("Agg")  # headless: no display on the training machines
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-from scipy.stats import gaussian_kde  # noqa: E402
-
-from .files import atomic_write  # noqa: E402
+from .files import atomic_write
 
 # Colours of the image grid, RGB in [0, 1].
 MISSING_RGB = (0.65, 0.4, 0.4)  # a missing pixel (-1): mid-grey (mean 0.48) tinted red
 PAD_RGB = (0.2, 0.3, 0.6)  # the border between tiles: blue, so it is never mistaken for a pixel value
 MAX_CURVE_KEYS = 9
 IGNORED_CURVE_KEYS = ("step", "time")  # "time" is the wall-clock stamp RunLogger adds to every line
+
+
+def _pyplot():
+    """matplotlib.pyplot on the headless backend, imported on first use: it costs every run 50+ MiB otherwise."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on the training machines
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _as_numpy(values) -> np.ndarray:
@@ -43,7 +47,7 @@ def _save_figure(fig, path: Path) -> Path:
         atomic_write(path, lambda handle: fig.savefig(handle, format=path.suffix.lstrip(".") or "png", dpi=100,
                                                       bbox_inches="tight"))
     finally:
-        plt.close(fig)
+        _pyplot().close(fig)
     return path
 
 
@@ -84,6 +88,8 @@ def save_image_grid(images, path, nrow: int | None = None, scale: int = 4, pad: 
         top, left = pad + row * (tile_h + pad), pad + col * (tile_w + pad)
         canvas[top:top + tile_h, left:left + tile_w] = rgb[index]
     path = _prepare_path(path)
+    from PIL import Image
+
     image = Image.fromarray(np.round(canvas * 255).astype(np.uint8))
     atomic_write(path, lambda handle: image.save(handle, format="PNG"))
     return path
@@ -96,7 +102,7 @@ def save_regenerated_panel(variants, observed, annotations, image_shape, path) -
     """
     variants, observed = _as_numpy(variants).astype(np.float64), _as_numpy(observed).astype(bool)
     count = len(variants)
-    fig, axes = plt.subplots(2, count, figsize=(1.9 * count, 4.2), squeeze=False)
+    fig, axes = _pyplot().subplots(2, count, figsize=(1.9 * count, 4.2), squeeze=False)
     for column, (image, mask, (steps, mam, reference)) in enumerate(zip(variants, observed, annotations)):
         censored = np.where(mask, image, np.nan).reshape(image_shape)
         axes[0, column].imshow(np.ma.masked_invalid(censored), cmap="gray", vmin=0, vmax=1)
@@ -132,12 +138,14 @@ def save_histograms(named_values: dict, path, title: str = "", xlabel: str = "")
         centre = pooled[0] if pooled.size else 0.0
         edges = np.array([centre - 0.5, centre + 0.5])
     grid = np.linspace(edges[0], edges[-1], 400)
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = _pyplot().subplots(figsize=(6, 4))
     for index, (name, values) in enumerate(series.items()):
         colour = f"C{index % 10}"
         ax.hist(values, bins=edges, density=True, alpha=0.35, color=colour, label=f"{name} (n={values.size})")
         if values.size >= 2 and np.ptp(values) > 0:
             try:
+                from scipy.stats import gaussian_kde
+
                 ax.plot(grid, gaussian_kde(values)(grid), color=colour, linewidth=1.5)
             except np.linalg.LinAlgError:  # near-singular data despite ptp > 0
                 pass
@@ -156,7 +164,7 @@ def save_scatter(x, y, path, xlabel: str = "", ylabel: str = "", title: str = ""
         raise ValueError(f"x and y must have the same number of values, got {x_values.size} and {y_values.size}")
     keep = np.isfinite(x_values) & np.isfinite(y_values)
     x_values, y_values = x_values[keep], y_values[keep]
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig, ax = _pyplot().subplots(figsize=(5, 5))
     ax.scatter(x_values, y_values, s=10, alpha=0.7)
     if x_values.size:
         low = min(x_values.min(), y_values.min())
@@ -217,7 +225,7 @@ def save_training_curves(metrics_jsonl_path, path, keys: list[str] | None = None
         raise ValueError(f"{metrics_jsonl_path} has no numeric metrics with a step; nothing to plot")
     columns = min(3, len(keys))
     rows = math.ceil(len(keys) / columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
+    fig, axes = _pyplot().subplots(rows, columns, figsize=(4 * columns, 3 * rows), squeeze=False)
     for ax, key in zip(axes.flat, keys):
         steps, values = series[key]
         ax.plot(steps, values, marker="." if len(steps) < 50 else None)

@@ -6,7 +6,7 @@ import itertools
 import torch
 from torch import nn
 
-from mamlib.nets.base import Backbone
+from mamlib.nets.base import Backbone, at_positions
 
 
 def all_states(num_positions: int, num_classes: int) -> torch.Tensor:
@@ -40,7 +40,7 @@ class BruteForceNet(Backbone):
         agree = ((self.states.unsqueeze(0) == x.unsqueeze(1)) | ~observed_mask.unsqueeze(1)).all(-1)  # (B, S)
         return torch.logsumexp(torch.where(agree, self.log_joint.unsqueeze(0), torch.tensor(-torch.inf, dtype=torch.float64)), 1)
 
-    def forward(self, x, observed_mask, need_logits=True, need_marginal=False):
+    def forward(self, x, observed_mask, need_logits=True, need_marginal=False, positions=None):
         log_marginal = self._log_marginal(x, observed_mask) + self.marginal_offset + 0 * self.dummy if need_marginal else None
         logits = None
         if need_logits:
@@ -54,5 +54,5 @@ class BruteForceNet(Backbone):
                     mask_with[:, position] = True
                     per_class.append(self._log_marginal(x_with, mask_with))
                 columns.append(torch.stack(per_class, -1))
-            logits = torch.stack(columns, 1).float()
+            logits = at_positions(torch.stack(columns, 1).float(), positions)
         return log_marginal, logits

@@ -84,3 +84,22 @@ def test_stage1_weights_load_into_marginal_model(name):
         assert torch.equal(stage1(x, mask)[1], stage2(x, mask)[1])
     with pytest.raises(ValueError, match="marginal"):
         stage1(x, mask, need_marginal=True)
+
+
+@pytest.mark.parametrize("name", sorted(ARCHES))
+def test_logits_at_positions_match_the_full_logits(name):
+    """positions= (one per row) gives the same logits and gradients as selecting from the full (B, D, K) output."""
+    net, dim = make(name)
+    torch.manual_seed(2)
+    x, mask = torch.randint(0, K, (5, dim)), torch.rand(5, dim) < 0.5
+    positions = torch.randint(0, dim, (5,))
+    full = net(x, mask)[1][torch.arange(5), positions]
+    picked = net(x, mask, positions=positions)[1]
+    assert picked.shape == (5, K)
+    assert torch.allclose(picked, full, atol=1e-5)
+    gradients = []
+    for logits in (full, picked):
+        net.zero_grad()
+        logits.sum().backward(retain_graph=True)
+        gradients.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+    assert torch.allclose(gradients[0], gradients[1], atol=1e-5)

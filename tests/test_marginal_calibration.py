@@ -176,8 +176,8 @@ def test_calibration_set_is_exact_for_exact_marginals():
     assert all(s["abs_gap_nats"] < 1e-6 and s["n"] == 6 for s in summaries.values())
     # and it sees a wrong marginal network: log p + 1 nat on every query
     class Shifted(BruteForceNet):
-        def forward(self, x, observed_mask, need_logits=True, need_marginal=False):
-            log_marginal, logits = super().forward(x, observed_mask, need_logits, need_marginal)
+        def forward(self, x, observed_mask, need_logits=True, need_marginal=False, positions=None):
+            log_marginal, logits = super().forward(x, observed_mask, need_logits, need_marginal, positions)
             if log_marginal is not None:
                 log_marginal = log_marginal + observed_mask.sum(1) / D
             return log_marginal, logits

@@ -1,11 +1,13 @@
 """The interface every backbone implements.
 
-``forward(x, observed_mask, need_logits=True, need_marginal=False)`` returns
+``forward(x, observed_mask, need_logits=True, need_marginal=False, positions=None)`` returns
 ``(log_marginal, logits)``:
   * ``log_marginal``: (B,) float, the marginal network's output f(x_S) (unnormalised log p(x_S)),
     or None when not requested / the backbone has no marginal head;
   * ``logits``: (B, D, K) float, the conditional logits log p(x_j | x_S) up to normalisation at
-    every position j, or None when not requested.
+    every position j, or None when not requested. With ``positions`` ((B,) long) only the logits at
+    position ``positions[b]`` of each row: (B, K). The chain rule, the one-step estimates and sampling need
+    one position per row, and a backbone may skip the work for the others (the MLP's output layer is D*K wide).
 ``x`` is (B, D) long in 0..K-1; ``observed_mask`` is (B, D) bool. Values at unobserved positions
 must not influence any output.
 
@@ -41,6 +43,13 @@ class Backbone(nn.Module):
         """Copy trained conditional layers into the marginal branch's matching layers; False when the branch has none
         of its own (transformer, MLP: the marginal head already reads the shared, trained features)."""
         return False
+
+
+def at_positions(values: torch.Tensor, positions: torch.Tensor | None) -> torch.Tensor:
+    """(B, D, ...) -> (B, ...) at one position per row; unchanged when ``positions`` is None."""
+    if positions is None:
+        return values
+    return values[torch.arange(values.shape[0], device=values.device), positions]
 
 
 MARGINAL_HEADS = ("pooled", "sum")

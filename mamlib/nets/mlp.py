@@ -1,6 +1,7 @@
 """Residual MLPs on one-hot inputs (energy-based tasks): a conditional MLP and an optional marginal MLP."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import nn
 
@@ -17,12 +18,15 @@ class ResidualMLP(nn.Module):
         self.output = nn.Linear(hidden, out_dim)
         self.residual = residual
 
-    def forward(self, h):
+    def features(self, h):
         h = F.leaky_relu(self.input(h))
         for layer in self.hidden:
             out = F.leaky_relu(layer(h))
             h = out + h if self.residual else out
-        return self.output(h)
+        return h
+
+    def forward(self, h):
+        return self.output(self.features(h))
 
 
 class MLPPair(Backbone):
@@ -46,13 +50,22 @@ class MLPPair(Backbone):
             else:
                 self.marginal_mlp = ResidualMLP(in_dim, hidden, 1, num_layers, residual)
 
-    def forward(self, x, observed_mask, need_logits: bool = True, need_marginal: bool = False):
+    def conditional_logits(self, one_hot, positions=None):
+        """(B, D, K) logits, or (B, K) at ``positions``: then only those K rows of the output layer are computed."""
+        if positions is None:
+            return self.conditional_mlp(one_hot).view(-1, self.num_positions, self.num_classes)
+        output = self.conditional_mlp.output
+        weight = output.weight.view(self.num_positions, self.num_classes, -1)[positions]  # (B, K, hidden)
+        bias = output.bias.view(self.num_positions, self.num_classes)[positions]
+        return torch.einsum("bh,bkh->bk", self.conditional_mlp.features(one_hot), weight) + bias
+
+    def forward(self, x, observed_mask, need_logits: bool = True, need_marginal: bool = False, positions=None):
         if not (need_logits or need_marginal):
             raise ValueError("request at least one of need_logits / need_marginal")
         if need_marginal and not self.has_marginal:
             raise ValueError("this MLP was built without a marginal network (marginal=False)")
         one_hot = F.one_hot(self.input_tokens(x, observed_mask), self.num_classes + 1).flatten(1).float()
-        logits = self.conditional_mlp(one_hot).view(-1, self.num_positions, self.num_classes) if need_logits else None
+        logits = self.conditional_logits(one_hot, positions) if need_logits else None
         log_marginal = None
         if need_marginal and self.marginal_kind == "sum":
             log_marginal = self.marginal_sum(self.marginal_mlp(one_hot), observed_mask)

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Backbone, MaskedSum, check_marginal_head
+from .base import Backbone, MaskedSum, at_positions, check_marginal_head
 
 
 def sinusoidal_table(num_positions: int, dim: int) -> torch.Tensor:
@@ -88,7 +88,7 @@ class Transformer(Backbone):
         elif isinstance(module, nn.Embedding):
             nn.init.normal_(module.weight)
 
-    def forward(self, x, observed_mask, need_logits: bool = True, need_marginal: bool = False):
+    def forward(self, x, observed_mask, need_logits: bool = True, need_marginal: bool = False, positions=None):
         if not (need_logits or need_marginal):
             raise ValueError("request at least one of need_logits / need_marginal")
         if need_marginal and not self.has_marginal:
@@ -97,7 +97,7 @@ class Transformer(Backbone):
         for block in self.blocks:
             h = block(h)
         h = self.final_norm(h)
-        logits = self.conditional_head(h) if need_logits else None
+        logits = self.conditional_head(at_positions(h, positions)) if need_logits else None  # the head only where needed
         log_marginal = None
         if need_marginal and self.marginal_kind == "sum":
             log_marginal = self.marginal_sum(self.marginal_head(h).squeeze(-1), observed_mask)

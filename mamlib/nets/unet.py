@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Backbone, MaskedSum, check_marginal_head
+from .base import Backbone, MaskedSum, at_positions, check_marginal_head
 
 NEAR_ZERO_SCALE = 1e-10  # the original replaces init scale 0 with this: outputs start ~0 but gradients flow
 GROUP_NORM_EPS = 1e-6
@@ -243,7 +243,7 @@ class UNet(Backbone):
             h = stage(torch.cat([h, skip], dim=1), time)
         return h
 
-    def forward(self, x, observed_mask, need_logits: bool = True, need_marginal: bool = False):
+    def forward(self, x, observed_mask, need_logits: bool = True, need_marginal: bool = False, positions=None):
         if not (need_logits or need_marginal):
             raise ValueError("request at least one of need_logits / need_marginal")
         if need_marginal and not self.has_marginal:
@@ -262,7 +262,7 @@ class UNet(Backbone):
         logits = log_marginal = None
         if need_logits:
             conditional = self.head(self._run_up(self.up, h, skips, time))  # (B, K, H, W)
-            logits = conditional.flatten(2).transpose(1, 2)  # (B, H*W row-major, K)
+            logits = at_positions(conditional.flatten(2).transpose(1, 2), positions)  # (B, H*W row-major, K)
         if need_marginal:
             log_marginal = self.marginal_head(self._run_up(self.marginal_up, h, skips, time), observed_mask)
         return log_marginal, logits
