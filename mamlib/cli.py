@@ -63,7 +63,7 @@ FIELDS: dict[str, Field] = {
     "generate.num_samples": at_least(1), "generate.batch_size": at_least(1), "generate.temperature": positive(float),
     "generate.start": at_least(0), "generate.end": at_least(0), "generate.conditional_samples": at_least(1),
     "score.input": Field(str, null=True), "score.output": Field(str, null=True), "score.orders": at_least(1),
-    "score.network": one_of("marginal", "conditional"),
+    "score.network": one_of("marginal", "conditional"), "export.dir": Field(str, null=True),
     "dataset.K": at_least(2), "dataset.seq_len": at_least(1), "dataset.max_chars": at_least(1, null=True),
     "dataset.val_fraction": at_least(0, float), "dataset.test_fraction": at_least(0, float),
     "load_pretrain": Field(bool), "loadpath_pretrain": Field(str, null=True), "freeze_conditional": Field(bool),

@@ -1,4 +1,4 @@
-"""Stage 1: any-order autoregressive conditionals p_phi. Modes: train, eval, generate, score."""
+"""Stage 1: any-order autoregressive conditionals p_phi. Modes: train, eval, generate, score, export."""
 from __future__ import annotations
 
 import logging
@@ -10,7 +10,7 @@ from ..evaluation import bits_per_dim
 from ..experiment import Experiment, batched, make_optimizer
 from ..nets import build_backbone
 from ..runtime import maybe_compile
-from .common import checkpoint_meta, fit_on_data, load_data, load_trained, run_modes, save_samples, score_file
+from .common import checkpoint_meta, export, fit_on_data, load_data, load_model, load_trained, run_modes, save_samples, score_file
 
 log = logging.getLogger("mamlib")
 KIND = "ao_arm"
@@ -81,12 +81,9 @@ def evaluate(exp: Experiment, dataset) -> dict:
 @torch.no_grad()
 def generate(exp: Experiment, dataset) -> dict:
     cfg = exp.cfg
-    net = load_trained(exp, dataset, KIND)
-    batches = []
-    for start in range(0, cfg.generate.num_samples, cfg.generate.batch_size):
-        count = min(cfg.generate.batch_size, cfg.generate.num_samples - start)
-        batches.append(arm.sample_unconditional(net, count, temperature=cfg.generate.temperature, device=exp.device).cpu())
-    samples = torch.cat(batches)
+    model = load_model(exp, dataset.describe(), KIND, dataset.image_shape)
+    samples = torch.from_numpy(model.sample(cfg.generate.num_samples, temperature=cfg.generate.temperature,
+                                            batch_size=cfg.generate.batch_size))
     metrics = save_samples(exp, dataset, samples)
     exp.write_json("generate_metrics.json", {"num_samples": len(samples), **metrics})
     return metrics
@@ -94,14 +91,10 @@ def generate(exp: Experiment, dataset) -> dict:
 
 @torch.no_grad()
 def score(exp: Experiment, dataset) -> None:
-    cfg = exp.cfg
-    net = load_trained(exp, dataset, KIND)
-    score_file(exp, dataset.num_positions, dataset.num_classes,
-               lambda rows, mask: arm.ensemble_log_prob(net, rows, cfg.score.orders, mask, cfg.eval.steps_per_pass),
-               f"chain rule, {cfg.score.orders} orders")
+    score_file(exp, load_model(exp, dataset.describe(), KIND, dataset.image_shape), "conditional")
 
 
-MODES = {"train": train, "eval": evaluate, "generate": generate, "score": score}
+MODES = {"train": train, "eval": evaluate, "generate": generate, "score": score, "export": lambda exp: export(exp, KIND)}
 
 
 def run(cfg, run_dir=None):

@@ -8,11 +8,11 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
+from ..api import Model, build_net, export_model
 from ..checkpoint import check_same_data, load_checkpoint, load_model_state
 from ..errors import ConfigError
 from ..files import save_npy_atomic, write_text_atomic
-from ..experiment import Experiment, batched, config_dict, read_score_input, score_output_path, setup, write_score_output
-from ..nets import build_backbone
+from ..experiment import Experiment, config_dict, read_score_input, score_output_path, setup, write_score_output
 from ..trainer import Trainer, epoch_batches, num_epoch_batches
 
 log = logging.getLogger("mamlib")
@@ -31,9 +31,11 @@ def checkpoint_meta(kind: str, exp: Experiment, dataset_info: dict, arch_cfg, ha
             "has_marginal": has_marginal, "config": config_dict(exp.cfg)}
 
 
-def net_from_checkpoint(path, kinds, dataset_info: dict, device, image_shape=None, marginal: bool | None = None,
+def net_from_checkpoint(path, kinds, dataset_info: dict | None, device, image_shape=None, marginal: bool | None = None,
                         allow_missing_marginal: bool = False, arch_overrides: dict | None = None):
     """Rebuild the backbone from the checkpoint's own arch config and load its weights strictly.
+
+    ``dataset_info``: the data the checkpoint must have been trained on (None: take the checkpoint's own).
 
     ``allow_missing_marginal``: a stage-1 checkpoint loaded into a net with a marginal head; only the
     marginal head's keys may be absent. ``marginal=None`` builds the head iff the checkpoint has one.
@@ -41,11 +43,11 @@ def net_from_checkpoint(path, kinds, dataset_info: dict, device, image_shape=Non
     Returns (net, payload, missing keys); ``payload["arch"]`` is the architecture actually built.
     """
     payload = load_checkpoint(path, expected_kind=kinds)
-    check_same_data(payload["dataset"], dataset_info, path)
+    if dataset_info is not None:
+        check_same_data(payload["dataset"], dataset_info, path)
     marginal = payload["has_marginal"] if marginal is None else marginal
     payload["arch"] = {**payload["arch"], **(arch_overrides or {})}
-    net = build_backbone(OmegaConf.create(payload["arch"]), dataset_info["K"], dataset_info["D"], image_shape=image_shape,
-                         marginal=marginal)
+    net = build_net(payload["arch"], payload["dataset"], marginal, image_shape=image_shape)
     allowed = net.marginal_prefixes if allow_missing_marginal else ()
     missing = load_model_state(net, payload["model"], path, allowed)
     return net.to(device), payload, missing
@@ -107,13 +109,23 @@ def resolve_checkpoint(exp: Experiment) -> Path:
     return Path(path)
 
 
-def score_file(exp: Experiment, num_positions: int, num_classes: int, function, what: str) -> None:
-    """The score contract: ``score.input`` (M, D) ints with -1 = missing -> ``score.output`` float64 (M,) log-probabilities."""
-    x, observed = read_score_input(exp.cfg.score.input, num_positions, num_classes)
-    score_output_path(exp.cfg.score.output)
-    log_probs = batched(function, x, observed, exp.cfg.eval.batch_size, exp.device, desc="score")
-    path = write_score_output(exp.cfg.score.output, log_probs.numpy())
-    log.info("wrote %d log-probabilities (%s) to %s", len(log_probs), what, path)
+SCORE_METHODS = {"marginal": "marginal", "conditional": "chain"}  # score.network -> Model.log_prob(method=)
+
+
+def score_file(exp: Experiment, model: Model, network: str) -> None:
+    """The score contract: ``score.input`` (M, D) ints with -1 = missing -> ``score.output`` float64 (M,) log-probabilities.
+
+    ``network``: marginal (one pass of f) or conditional (the chain rule over ``score.orders`` random orders)."""
+    cfg = exp.cfg
+    if network not in SCORE_METHODS:
+        raise ConfigError(f"score.network={network!r} is unknown; use marginal or conditional")
+    x, observed = read_score_input(cfg.score.input, model.num_positions, model.num_classes)
+    score_output_path(cfg.score.output)
+    log_probs = model.log_prob(x, observed, method=SCORE_METHODS[network], orders=cfg.score.orders,
+                               batch_size=cfg.eval.batch_size, steps_per_pass=cfg.eval.steps_per_pass)
+    path = write_score_output(cfg.score.output, log_probs)
+    log.info("wrote %d log-probabilities (%s network, %d orders for the chain rule) to %s", len(log_probs), network,
+             cfg.score.orders, path)
 
 
 def fit_on_data(exp: Experiment, dataset, net, objective, optimizer, meta: dict, evaluate) -> Trainer:
@@ -130,11 +142,30 @@ def fit_on_data(exp: Experiment, dataset, net, objective, optimizer, meta: dict,
     return trainer
 
 
+def load_model(exp: Experiment, dataset_info: dict, kind: str, image_shape=None) -> Model:
+    """The run's (or ``loadpath=``) checkpoint of this stage as a :class:`mamlib.api.Model` on the run's device, checked
+    against the run's data."""
+    return Model.from_checkpoint(resolve_checkpoint(exp), device=exp.device, kinds=(kind,), expected_data=dataset_info,
+                                 image_shape=image_shape)
+
+
 def load_trained(exp: Experiment, dataset, kind: str):
-    """The run's (or ``loadpath=``) checkpoint of this stage, in eval mode."""
-    net, _, _ = net_from_checkpoint(resolve_checkpoint(exp), (kind,), dataset.describe(), exp.device,
-                                    image_shape=getattr(dataset, "image_shape", None))
-    return net.eval()
+    """The run's (or ``loadpath=``) checkpoint of this stage: the network, in eval mode."""
+    return load_model(exp, dataset.describe(), kind, getattr(dataset, "image_shape", None)).net
+
+
+def export(exp: Experiment, kind: str) -> Path:
+    """``mode=export``: the checkpoint as ``export.dir`` (model.safetensors, config.json, metrics.json, README.md)."""
+    folder = exp.cfg.get("export", {}).get("dir")
+    if not folder:
+        raise ConfigError("mode=export needs export.dir=<folder> (it receives model.safetensors, config.json, "
+                          "metrics.json and README.md)")
+    path = export_model(resolve_checkpoint(exp), folder, overwrite=bool(exp.cfg.get("overwrite", False)), kinds=(kind,))
+    log.info("exported %s to %s; load it with mamlib.load(%r)", resolve_checkpoint(exp), path, str(path))
+    return path
+
+
+DATA_FREE_MODES = ("export",)  # read only the checkpoint: no data to load or download
 
 
 def run_modes(cfg, run_dir, modes: dict, what: str, prepare):
@@ -143,6 +174,6 @@ def run_modes(cfg, run_dir, modes: dict, what: str, prepare):
         raise ConfigError(f"mode={cfg.mode!r} is unknown for {what}; use one of {sorted(modes)}")
     exp = setup(cfg, run_dir)
     try:
-        return modes[cfg.mode](exp, *prepare(exp))
+        return modes[cfg.mode](exp, *(() if cfg.mode in DATA_FREE_MODES else prepare(exp)))
     finally:
         exp.logger.close()

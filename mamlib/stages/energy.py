@@ -3,7 +3,7 @@
 model=MAM: marginal + conditional MLPs trained jointly with the KL objective (REINFORCE with a standardised reward)
 plus alpha x self-consistency, or with the squared-error objective. model=ARM: a fixed-order ARM baseline with the exact
 D-pass likelihood, or the one-step Monte-Carlo variant (logp_mc=true).
-Modes: train, evaluate, generate, score.
+Modes: train, evaluate, generate, score, export.
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ from ..orders import fixed_order
 from ..plots import save_histograms, save_image_grid
 from ..runtime import maybe_compile, synchronize
 from ..trainer import Trainer
-from .common import checkpoint_meta, net_from_checkpoint, resolve_checkpoint, run_modes, score_file, validity_uniqueness
+from .common import checkpoint_meta, export, load_model, run_modes, score_file, validity_uniqueness
 
 log = logging.getLogger("mamlib")
 KIND = "energy"
@@ -193,33 +193,23 @@ def train(exp: Experiment, target, info) -> None:
 
 
 def load_trained(exp: Experiment, info):
-    """(net, is_mam): the checkpoint says whether it is a MaM (marginal network) or an ARM baseline."""
-    net, payload, _ = net_from_checkpoint(resolve_checkpoint(exp), (KIND,), info, exp.device)
-    net.eval()
-    return net, payload["has_marginal"]
+    """The checkpoint as a Model: a MaM (marginal network) or an ARM baseline with the fixed order it was trained with
+    (``model.order``, from the checkpoint, not from this run's arm_order)."""
+    return load_model(exp, info, KIND)
 
 
-def model_order(exp, net, batch_size, is_mam_model):
-    return None if is_mam_model else fixed_order(batch_size, net.num_positions, exp.cfg.arm_order, device=exp.device)
-
-
-@torch.no_grad()
-def draw_samples(exp, net, count, is_mam_model) -> torch.Tensor:
-    chunks = []
-    for start in range(0, count, exp.cfg.eval.batch_size):
-        size = min(exp.cfg.eval.batch_size, count - start)
-        chunks.append(arm.sample_unconditional(net, size, order=model_order(exp, net, size, is_mam_model), device=exp.device).cpu())
-    return torch.cat(chunks)
+def draw_samples(exp, model, count) -> torch.Tensor:
+    return torch.from_numpy(model.sample(count, batch_size=exp.cfg.eval.batch_size))
 
 
 @torch.no_grad()
 def evaluate(exp: Experiment, target, info) -> dict:
     cfg = exp.cfg
-    net, mam_model = load_trained(exp, info)
+    model = load_trained(exp, info)
+    net, mam_model = model.net, model.has_marginal
     D, device, batch_size = info["D"], exp.device, cfg.eval.batch_size
     log_z = target.log_partition() if hasattr(target, "log_partition") else None
-    chain = lambda x, m: arm.chain_rule_log_prob(net, x, m, order=model_order(exp, net, len(x), mam_model),
-                                                 steps_per_pass=cfg.eval.steps_per_pass)
+    chain = lambda x, m: arm.chain_rule_log_prob(net, x, m, order=model.ranks(len(x)), steps_per_pass=cfg.eval.steps_per_pass)
     marginal = lambda x, m: normalized_log_marginal(net, x, m)
     results: dict = {"target": info["target"], "model": "MAM" if mam_model else "ARM", "log_z_exact": log_z}
     row = {"model": results["model"]}
@@ -232,7 +222,7 @@ def evaluate(exp: Experiment, target, info) -> dict:
         if mam_model:
             row["NLL marginal (bpd)"] = float(bits_per_dim(batched(marginal, truth, mask, batch_size, device).mean().item(), D))
 
-    samples = draw_samples(exp, net, cfg.eval.num_samples, mam_model)
+    samples = draw_samples(exp, model, cfg.eval.num_samples)
     mask = torch.ones_like(samples, dtype=torch.bool)
     log_f = target.log_f(samples).double()
     log_p_chain = batched(chain, samples, mask, batch_size, device)
@@ -249,7 +239,7 @@ def evaluate(exp: Experiment, target, info) -> dict:
     timing_mask = torch.ones_like(timing_x, dtype=torch.bool)
     sync = lambda: synchronize(device)
     # the paper's protocol: the D conditionals one pass after another (no step batching), same memory as one MaM pass
-    sequential = lambda: arm.chain_rule_log_prob(net, timing_x, timing_mask, order=model_order(exp, net, len(timing_x), mam_model))
+    sequential = lambda: arm.chain_rule_log_prob(net, timing_x, timing_mask, order=model.ranks(len(timing_x)))
     row["time ARM chain rule (s)"] = time_callable(sequential, repeats=cfg.eval.timing_repeats, synchronize=sync)["median"]
     if mam_model:
         row["time MaM (s)"] = time_callable(lambda: marginal(timing_x, timing_mask), repeats=cfg.eval.timing_repeats, synchronize=sync)["median"]
@@ -294,54 +284,42 @@ def plot_samples(exp: Experiment, target, samples: torch.Tensor, stem: str) -> d
 @torch.no_grad()
 def generate(exp: Experiment, target, info) -> dict:
     cfg = exp.cfg
-    net, mam_model = load_trained(exp, info)
-    samples = draw_samples(exp, net, cfg.generate.num_samples, mam_model)
+    model = load_trained(exp, info)
+    samples = draw_samples(exp, model, cfg.generate.num_samples)
     save_npy_atomic(exp.run_dir / "samples.npy", samples.numpy())
     report = {"unconditional": plot_samples(exp, target, samples, "samples"), "num_samples": len(samples)}
     if cfg.target == "molecule" and cfg.generate.molecule:
-        import selfies
-
-        string = selfies.encoder(cfg.generate.molecule) if cfg.string_type.upper() == "SELFIES" else cfg.generate.molecule
-        template = torch.as_tensor(target.dataset.encode(string), dtype=torch.long).unsqueeze(0)
-        observed = torch.ones_like(template, dtype=torch.bool)
-        observed[:, cfg.generate.start:cfg.generate.end] = False
-        count = cfg.generate.conditional_samples
-        conditional = arm.sample(net, template.repeat(count, 1).to(exp.device), observed.repeat(count, 1).to(exp.device)).cpu()
-        report["conditional"] = {"template": string, "masked": [cfg.generate.start, cfg.generate.end],
-                                 **plot_samples(exp, target, conditional, "conditional")}
+        report.update(conditional_molecules(exp, target, model))
     exp.write_json("generate_metrics.json", report)
     log.info("generation: %s", report)
     return report
 
 
+def conditional_molecules(exp: Experiment, target, model) -> dict:
+    """generate.molecule with positions [start, end) re-drawn by a MaM; an ARM baseline cannot (it is skipped)."""
+    cfg = exp.cfg
+    if model.order is not None:  # its conditionals exist only given a prefix of its order; the template masks a middle span
+        reason = f"an ARM baseline ({model.order} order) completes only prefixes of its order"
+        log.info("conditional generation skipped: %s", reason)
+        return {"conditional_skipped": reason}
+    import selfies
+
+    string = selfies.encoder(cfg.generate.molecule) if cfg.string_type.upper() == "SELFIES" else cfg.generate.molecule
+    template = torch.as_tensor(target.dataset.encode(string), dtype=torch.long).unsqueeze(0)
+    observed = torch.ones_like(template, dtype=torch.bool)
+    observed[:, cfg.generate.start:cfg.generate.end] = False
+    count = cfg.generate.conditional_samples
+    conditional = torch.from_numpy(model.infill(template.repeat(count, 1), observed.repeat(count, 1), batch_size=count))
+    return {"conditional": {"template": string, "masked": [cfg.generate.start, cfg.generate.end],
+                            **plot_samples(exp, target, conditional, "conditional")}}
+
+
 @torch.no_grad()
 def score(exp: Experiment, target, info) -> None:
-    cfg = exp.cfg
-    net, mam_model = load_trained(exp, info)
-    if cfg.score.network == "marginal":
-        if not mam_model:
-            raise ValueError("score.network=marginal needs a MAM checkpoint; this one is an ARM (use score.network=conditional)")
-        function = lambda rows, mask: normalized_log_marginal(net, rows, mask)
-    elif cfg.score.network == "conditional" and mam_model:
-        function = lambda rows, mask: arm.ensemble_log_prob(net, rows, cfg.score.orders, mask, cfg.eval.steps_per_pass)
-    elif cfg.score.network == "conditional":
-        function = lambda rows, mask: arm_prefix_log_prob(exp, net, rows, mask)
-    else:
-        raise ValueError(f"score.network={cfg.score.network!r} is unknown; use marginal or conditional")
-    score_file(exp, info["D"], info["K"], function, f"{cfg.score.network} network")
+    score_file(exp, load_trained(exp, info), exp.cfg.score.network)
 
 
-def arm_prefix_log_prob(exp, net, x, observed_mask):
-    """A fixed-order ARM gives exact marginals only of prefixes of its order; anything else is refused."""
-    order = fixed_order(len(x), net.num_positions, exp.cfg.arm_order, device=x.device)
-    counts = observed_mask.sum(1, keepdim=True)
-    if not torch.equal(observed_mask, order < counts):
-        raise ValueError(f"an ARM ({exp.cfg.arm_order} order) answers only queries whose observed positions are a prefix of its "
-                         "order; score such rows with a MAM checkpoint (score.network=marginal)")
-    return arm.chain_rule_log_prob(net, x, observed_mask, order=order, steps_per_pass=exp.cfg.eval.steps_per_pass)
-
-
-MODES = {"train": train, "evaluate": evaluate, "generate": generate, "score": score}
+MODES = {"train": train, "evaluate": evaluate, "generate": generate, "score": score, "export": lambda exp: export(exp, KIND)}
 
 
 def run(cfg, run_dir=None):

@@ -1,6 +1,6 @@
 """Stage 2: marginal networks by maximum likelihood on top of frozen stage-1 conditionals.
 
-Modes: train, eval (paper-style table), generate (unconditional + conditional), score.
+Modes: train, eval (paper-style table), generate (unconditional + conditional), score, export.
 """
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ from ..orders import random_order
 from ..plots import save_image_grid, save_regenerated_panel, save_scatter
 from ..runtime import maybe_compile, synchronize
 from .ao_arm import first_rows
-from .common import checkpoint_meta, fit_on_data, load_data, load_trained, net_from_checkpoint, run_modes, save_samples, score_file
+from .common import (checkpoint_meta, export, fit_on_data, load_data, load_model, load_trained, net_from_checkpoint, run_modes,
+                     save_samples, score_file)
 
 log = logging.getLogger("mamlib")
 KIND = "mam"
@@ -329,20 +330,19 @@ def conditional_template(exp: Experiment, dataset) -> tuple[torch.Tensor, torch.
 @torch.no_grad()
 def generate(exp: Experiment, dataset) -> dict:
     cfg = exp.cfg
-    net = load_trained(exp, dataset, KIND)
-    count, device = cfg.generate.num_samples, exp.device
-    unconditional = arm.sample_unconditional(net, count, temperature=cfg.generate.temperature, device=device)
+    model = load_model(exp, dataset.describe(), KIND, dataset.image_shape)
+    count, temperature = cfg.generate.num_samples, cfg.generate.temperature
+    unconditional = model.sample(count, temperature=temperature, batch_size=count)
     x, observed, description = conditional_template(exp, dataset)
-    conditional = arm.sample(net, x.repeat(count, 1).to(device), observed.repeat(count, 1).to(device), temperature=cfg.generate.temperature)
+    conditional = model.infill(x.repeat(count, 1), observed.repeat(count, 1), temperature=temperature, batch_size=count)
     report = {}
     for name, samples in (("unconditional", unconditional), ("conditional", conditional)):
-        full = torch.ones_like(samples, dtype=torch.bool)
-        log_marginal = normalized_log_marginal(net, samples, full)
-        log_chain = arm.chain_rule_log_prob(net, samples, full)
-        metrics = save_samples(exp, dataset, samples.cpu(), stem=f"samples_{name}")
-        atomic_write(exp.run_dir / f"samples_{name}_loglik.txt", lambda handle, values=np.stack([log_marginal.cpu().numpy(), log_chain.cpu().numpy()], 1): np.savetxt(handle, values,
+        log_marginal = model.log_prob(samples, method="marginal", batch_size=count)
+        log_chain = model.log_prob(samples, method="chain", orders=1, batch_size=count)  # AO-ARM-S: one random order
+        metrics = save_samples(exp, dataset, torch.from_numpy(samples), stem=f"samples_{name}")
+        atomic_write(exp.run_dir / f"samples_{name}_loglik.txt", lambda handle, values=np.stack([log_marginal, log_chain], 1): np.savetxt(handle, values,
                      header="MaM_log_marginal AO-ARM-S_chain_rule (nats)"))
-        report[name] = {**metrics, "mean_log_marginal": log_marginal.mean().item(), "mean_log_chain_rule": log_chain.mean().item()}
+        report[name] = {**metrics, "mean_log_marginal": float(log_marginal.mean()), "mean_log_chain_rule": float(log_chain.mean())}
     report["conditional"]["template"] = description
     if dataset.kind == "image":
         save_image_grid(torch.where(observed, x, torch.full_like(x, -1)).view(1, *dataset.image_shape).float(),
@@ -354,18 +354,10 @@ def generate(exp: Experiment, dataset) -> dict:
 
 @torch.no_grad()
 def score(exp: Experiment, dataset) -> None:
-    cfg = exp.cfg
-    net = load_trained(exp, dataset, KIND)
-    if cfg.score.network == "marginal":
-        function = lambda rows, mask: normalized_log_marginal(net, rows, mask)
-    elif cfg.score.network == "conditional":
-        function = lambda rows, mask: arm.ensemble_log_prob(net, rows, cfg.score.orders, mask, cfg.eval.steps_per_pass)
-    else:
-        raise ValueError(f"score.network={cfg.score.network!r} is unknown; use marginal or conditional")
-    score_file(exp, dataset.num_positions, dataset.num_classes, function, f"{cfg.score.network} network")
+    score_file(exp, load_model(exp, dataset.describe(), KIND, dataset.image_shape), exp.cfg.score.network)
 
 
-MODES = {"train": train, "eval": evaluate, "generate": generate, "score": score}
+MODES = {"train": train, "eval": evaluate, "generate": generate, "score": score, "export": lambda exp: export(exp, KIND)}
 
 
 def run(cfg, run_dir=None):
