@@ -1,4 +1,4 @@
-"""Stage 1 (any-order ARM) on the text config: python text_main.py [mode=train|eval|generate|score] [preset=tiny|cpu] [key=value ...]"""
+"""Stage 1 (any-order ARM) on the text config: python text_main.py [mode=train|eval|generate|score|export] [preset=tiny|cpu] [key=value ...]"""
 import hydra
 
 from mamlib.cli import check_command_line, run_script

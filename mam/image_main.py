@@ -1,5 +1,5 @@
 """Stage 2 (marginal network, maximum likelihood) on the image config:
-python image_main.py load_pretrain=True loadpath_pretrain=<stage-1 checkpoint> [mode=train|eval|generate|score] [preset=tiny|cpu]"""
+python image_main.py load_pretrain=True loadpath_pretrain=<stage-1 checkpoint> [mode=train|eval|generate|score|export] [preset=tiny|cpu]"""
 import hydra
 
 from mamlib.cli import check_command_line, run_script

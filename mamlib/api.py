@@ -26,7 +26,7 @@ from . import arm
 from .checkpoint import CheckpointError, load_model_state
 from .errors import OutputError, UserError
 from .files import atomic_write, file_digest, temp_path_for, write_text_atomic
-from .marginal import normalized_log_marginal
+from .marginal import log_normalizer, normalized_log_marginal
 from .orders import fixed_order, from_missing_coded
 
 CHECKPOINT_KINDS = ("ao_arm", "mam", "energy")
@@ -143,6 +143,7 @@ class Model:
         self.source = source
         self.device = torch.device(device)
         self._codec = None
+        self._log_normalizer = None
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", kinds=CHECKPOINT_KINDS, expected_data: dict | None = None,
@@ -264,7 +265,9 @@ class Model:
             if not self.has_marginal:
                 raise ModelUsageError(f"method='marginal' needs a marginal network; this {self.description} has none: "
                                       "use method='chain' (score.network=conditional in the scripts)")
-            return lambda x, mask: normalized_log_marginal(self.net, x, mask)
+            if self._log_normalizer is None:  # the weights are frozen: f(empty) once, then one pass per query
+                self._log_normalizer = log_normalizer(self.net, self.device)
+            return lambda x, mask: normalized_log_marginal(self.net, x, mask, self._log_normalizer)
         if self.order is not None:  # one fixed order: orders > 1 would repeat the same value
             return lambda x, mask: arm.chain_rule_log_prob(self.net, x, mask, order=self.ranks(len(x)), steps_per_pass=steps_per_pass)
         return lambda x, mask: arm.ensemble_log_prob(self.net, x, orders, mask, steps_per_pass)

@@ -14,7 +14,7 @@ import torch
 
 from . import arm
 from .experiment import batched
-from .marginal import normalized_log_marginal
+from .marginal import log_normalizer, normalized_log_marginal
 
 
 def random_observed_masks(num_rows: int, num_positions: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
@@ -59,7 +59,8 @@ class CalibrationSet:
     @torch.no_grad()
     def measure(self, net) -> dict:
         """{label: gap_summary} of the marginal network on the cached set."""
-        marginal = batched(lambda x, m: normalized_log_marginal(net, x, m), self.x, self.mask, self.batch_size,
+        normalizer = log_normalizer(net, self.device)
+        marginal = batched(lambda x, m: normalized_log_marginal(net, x, m, normalizer), self.x, self.mask, self.batch_size,
                            self.device).numpy()
         labels = np.asarray(self.labels)
         return {label: gap_summary(marginal[labels == label], self.reference[labels == label])

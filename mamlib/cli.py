@@ -62,6 +62,7 @@ FIELDS: dict[str, Field] = {
     "eval.threshold": at_least(0, float),
     "generate.num_samples": at_least(1), "generate.batch_size": at_least(1), "generate.temperature": positive(float),
     "generate.start": at_least(0), "generate.end": at_least(0), "generate.conditional_samples": at_least(1),
+    "generate.moses_reference_size": at_least(2, null=True),
     "score.input": Field(str, null=True), "score.output": Field(str, null=True), "score.orders": at_least(1),
     "score.network": one_of("marginal", "conditional"), "export.dir": Field(str, null=True),
     "dataset.K": at_least(2), "dataset.seq_len": at_least(1), "dataset.max_chars": at_least(1, null=True),

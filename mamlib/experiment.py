@@ -106,9 +106,9 @@ def write_score_output(path, log_probs) -> Path:
 
 def batched(function, x: torch.Tensor, mask: torch.Tensor, batch_size: int, device, desc: str = "") -> torch.Tensor:
     """Apply ``function(x, mask)`` over row chunks, with a progress bar for long jobs."""
-    from tqdm.auto import tqdm
+    from .progress import progress
 
     outputs = []
-    for start in tqdm(range(0, len(x), batch_size), desc=desc, disable=len(x) <= batch_size, leave=False):
+    for start in progress(range(0, len(x), batch_size), desc=desc, disable=len(x) <= batch_size, leave=False):
         outputs.append(function(x[start:start + batch_size].to(device), mask[start:start + batch_size].to(device)).cpu())
     return torch.cat(outputs) if outputs else torch.zeros(0, dtype=torch.float64)

@@ -20,8 +20,20 @@ def log_marginal(net, x, observed_mask) -> torch.Tensor:
     return net(x, observed_mask, need_logits=False, need_marginal=True)[0]
 
 
-def normalized_log_marginal(net, x, observed_mask) -> torch.Tensor:
-    """f_theta(x_S) - f_theta(empty): one pass over the batch plus one all-missing row. float64 (B,)."""
+@torch.no_grad()
+def log_normalizer(net, device=None) -> float:
+    """f_theta(empty), the marginal network's log total mass: compute it once for a frozen network and pass it to
+    :func:`normalized_log_marginal`, so each query is exactly one pass over its own rows."""
+    device = device if device is not None else next(net.parameters()).device
+    empty_x = torch.zeros(1, net.num_positions, dtype=torch.long, device=device)
+    return float(log_marginal(net, empty_x, torch.zeros_like(empty_x, dtype=torch.bool)).double().item())
+
+
+def normalized_log_marginal(net, x, observed_mask, log_normalizer: float | None = None) -> torch.Tensor:
+    """f_theta(x_S) - f_theta(empty), float64 (B,): one pass over the batch, plus one all-missing row unless the
+    network's ``log_normalizer`` (frozen weights: :func:`log_normalizer`) is given."""
+    if log_normalizer is not None:
+        return log_marginal(net, x, observed_mask).double() - log_normalizer
     empty_x, empty_mask = empty_like_rows(x)
     values = log_marginal(net, torch.cat([x, empty_x]), torch.cat([observed_mask, empty_mask])).double()
     return values[:-1] - values[-1]

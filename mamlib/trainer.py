@@ -16,11 +16,11 @@ from typing import Callable, Iterable
 
 import torch
 import torch.distributed as dist
-from tqdm.auto import tqdm
 
 from .checkpoint import check_same_arch, check_same_data, load_checkpoint, load_model_state, save_checkpoint
 from .errors import ConfigError, TrainingDiverged
 from .files import check_writable, pid_lock, stale_temp_files
+from .progress import progress
 from .runtime import DistInfo, autocast, rng_state, set_rng_state
 
 log = logging.getLogger("mamlib")
@@ -187,7 +187,7 @@ class Trainer:
         if self.batches_per_epoch < self.accumulation:
             raise ValueError(f"an epoch has {self.batches_per_epoch} batches but one optimizer step needs {self.accumulation}; "
                              "lower train.effective_batch or train.batch_size")
-        bar = tqdm(total=total, initial=self.step, desc="train", disable=not self.dist.is_main, dynamic_ncols=True)
+        bar = progress(total=total, initial=self.step, desc="train", disable=not self.dist.is_main, dynamic_ncols=True)
         try:  # the bar ends its line even when training stops with an error
             running, micro, log_every = defaultdict(float), 0, self.cfg.get("log_every", 50)
             ckpt_every, eval_every = self.cfg.get("checkpoint_every"), self.cfg.get("eval_every")
@@ -228,7 +228,7 @@ class Trainer:
                     if self.step % log_every == 0 or self.step == total:
                         count = running.pop("_count")
                         averaged = {f"train/{k}": v / count for k, v in running.items()}
-                        bar.set_postfix(loss=f"{averaged['train/loss']:.4g}")
+                        bar.set_postfix(loss=f"{averaged['train/loss']:.4g}", refresh=False)  # drawn at the bar's next update
                         if self.logger and self.dist.is_main:
                             self.logger.log({**averaged, "epoch": self.epoch}, self.step)
                         running = defaultdict(float)

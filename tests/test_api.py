@@ -20,7 +20,7 @@ from mamlib.checkpoint import CheckpointError, save_checkpoint
 from mamlib.data.base import DiscreteDataset, tensor_dataset
 from mamlib.data.text8 import TEXT_ALPHABET
 from mamlib.errors import OutputError, UserError
-from mamlib.marginal import normalized_log_marginal
+from mamlib.marginal import log_normalizer, normalized_log_marginal
 from mamlib.nets import build_backbone
 from mamlib.orders import fixed_order
 
@@ -121,7 +121,10 @@ def test_log_prob_matches_the_library_functions(mam_checkpoint):
     expected = arm.chain_rule_log_prob(model.net, x)
     chain = model.log_prob(x, method="chain", orders=1, seed=3)
     assert chain.dtype == np.float64 and torch.equal(torch.from_numpy(chain), expected)
-    assert torch.equal(torch.from_numpy(model.log_prob(x.numpy(), method="marginal")), normalized_log_marginal(model.net, x, full))
+    marginal = torch.from_numpy(model.log_prob(x.numpy(), method="marginal"))
+    # f(empty) is computed once per loaded model: exactly the cached-normaliser path, and the one-batch path to rounding
+    assert torch.equal(marginal, normalized_log_marginal(model.net, x, full, log_normalizer(model.net)))
+    assert torch.allclose(marginal, normalized_log_marginal(model.net, x, full).detach(), atol=1e-6)
     # the same question in both input forms; seed=None draws from (and advances) the global generator
     rows = partial_rows()
     mask = rows >= 0
@@ -271,3 +274,11 @@ def test_the_readme_example_runs(mam_checkpoint, tmp_path):
     result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "OMP_NUM_THREADS": "1", "MAM_MODEL": str(folder)})
     assert result.returncode == 0 and "chain rule" in result.stdout, result.stderr[-3000:]
+
+
+def test_readme_example_is_the_tested_script():
+    """The README's Python example is docs/api_example.py verbatim, so the test above runs what users copy."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Using a trained model from Python", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert code == (ROOT / "docs" / "api_example.py").read_text()

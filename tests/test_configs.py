@@ -39,3 +39,19 @@ def test_unknown_option_is_rejected():
     result = subprocess.run([sys.executable, "ao_arm/image_main.py", "--cfg", "job", "preset=huge"], cwd=ROOT,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode != 0 and "huge" in result.stderr
+
+
+def test_documentation_stands_alone():
+    """Every relative link in README.md and docs/ names a file inside the repository; nothing points to ../shared."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    pages = [root / "README.md", *sorted((root / "docs").glob("*.md")), root / "data" / "README.md"]
+    for page in [p for p in pages if p.is_file()]:
+        text = page.read_text()
+        assert "../shared" not in text, page
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if target.startswith(("http://", "https://", "#")):
+                continue
+            resolved = (page.parent / target.split("#")[0]).resolve()
+            assert resolved.is_relative_to(root) and resolved.exists(), f"{page.name}: link {target} leaves the repository or is broken"

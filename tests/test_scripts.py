@@ -137,3 +137,21 @@ def test_molecule_energy_based(model, tmp_path):
     assert (tmp_path / "samples_smiles.txt").is_file()
     if model == "MAM":
         assert "conditional" in report and (tmp_path / "conditional_smiles.txt").is_file()
+
+
+def test_multirun_sweep_gives_one_run_dir_per_point(tmp_path):
+    """Hydra multirun over a 2 x 2 grid: four runs, four run dirs, each trained with its own point's overrides."""
+    command = [sys.executable, "text_main.py", "-m", *COMMON, "dataset=text8_sotu", f"hydra.sweep.dir={tmp_path}",
+               "seed=0,1", "train.lr=1e-3,3e-3"]
+    result = subprocess.run(command, cwd=ROOT / "ao_arm", capture_output=True, text=True, timeout=600,
+                            env={**__import__("os").environ, "OMP_NUM_THREADS": "2"})
+    assert result.returncode == 0, result.stderr[-4000:]
+    run_dirs = sorted(path.parent.parent for path in tmp_path.glob("*/checkpoints/last.pt"))
+    assert [d.name for d in run_dirs] == ["0", "1", "2", "3"]
+    points = set()
+    for run_dir in run_dirs:
+        config = (run_dir / ".hydra" / "config.yaml").read_text()
+        seed = next(line for line in config.splitlines() if line.startswith("seed:"))
+        lr = next(line.strip() for line in config.splitlines() if line.strip().startswith("lr:"))
+        points.add((seed, lr))
+    assert len(points) == 4  # every grid point ran once, in its own directory

@@ -27,7 +27,8 @@ from .fetch import DataSourceError, fetch_or_explain, pip_download_wheel, verify
 
 MOLSETS_REQUIREMENT = "molsets==0.3.1"
 WHEEL_NAME = "molsets-0.3.1-py3-none-any.whl"   # the one published wheel; only this exact file is read
-SOURCE_MEMBERS = {"train": "moses/dataset/data/train.csv.gz", "test": "moses/dataset/data/test.csv.gz"}
+SOURCE_MEMBERS = {"train": "moses/dataset/data/train.csv.gz", "test": "moses/dataset/data/test.csv.gz",
+                  "test_scaffolds": "moses/dataset/data/test_scaffolds.csv.gz"}   # the last only for mamlib.moses_metrics
 PADDING = {"smiles": " ", "selfies": "[nop]"}
 FULL_TRAIN_PERCENT = 90
 DEFAULT_SUBSET_SIZES = (10_000, 1_000, 1_000)

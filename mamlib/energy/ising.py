@@ -281,8 +281,9 @@ class IsingModel:
         sweep_lengths = [num_sites] * num_full_sweeps + ([remainder] if remainder else [])
         bar = None
         if progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(sweep_lengths), desc=f"Ising {self.height}x{self.width} Gibbs sweeps",
+            from ..progress import progress as progress_bar
+
+            bar = progress_bar(total=len(sweep_lengths), desc=f"Ising {self.height}x{self.width} Gibbs sweeps",
                        unit="sweep", mininterval=1.0)
         for sweep_length in sweep_lengths:
             uniform = rng.random((sweep_length, num_chains))

@@ -10,7 +10,8 @@ from ..evaluation import bits_per_dim
 from ..experiment import Experiment, batched, make_optimizer
 from ..nets import build_backbone
 from ..runtime import maybe_compile
-from .common import checkpoint_meta, export, fit_on_data, load_data, load_model, load_trained, run_modes, save_samples, score_file
+from .common import (checkpoint_meta, export, fit_on_data, load_data, load_model, load_trained, run_modes, save_samples,
+                     score_file, write_moses_metrics)
 
 log = logging.getLogger("mamlib")
 KIND = "ao_arm"
@@ -86,6 +87,8 @@ def generate(exp: Experiment, dataset) -> dict:
                                             batch_size=cfg.generate.batch_size))
     metrics = save_samples(exp, dataset, samples)
     exp.write_json("generate_metrics.json", {"num_samples": len(samples), **metrics})
+    if dataset.kind == "molecule":
+        write_moses_metrics(exp, exp.run_dir / "samples_smiles.txt")
     return metrics
 
 

@@ -101,6 +101,21 @@ def save_samples(exp: Experiment, dataset, samples: torch.Tensor, stem: str = "s
     return metrics
 
 
+def write_moses_metrics(exp: Experiment, smiles_file: Path) -> dict:
+    """``moses_metrics.json`` in the run dir: the MOSES metrics of the molecules in ``smiles_file`` (mamlib/moses_metrics.py).
+
+    ``generate.moses_reference_size`` (molecule configs; preset=tiny sets it) limits the reference to the first molecules
+    of the MOSES test sets: quick, but then the numbers are not comparable with MOSES's."""
+    from ..moses_metrics import evaluate_file
+
+    reference_size = exp.cfg.generate.get("moses_reference_size")
+    metrics = evaluate_file(smiles_file, exp.run_dir / "moses_metrics.json", exp.data_dir, device=exp.device,
+                            reference_size=reference_size)
+    log.info("MOSES metrics%s: %s", f" (reference: first {reference_size} test molecules)" if reference_size else "",
+             metrics)
+    return metrics
+
+
 def resolve_checkpoint(exp: Experiment) -> Path:
     path = exp.checkpoint_to_load()
     if not Path(path).is_file():

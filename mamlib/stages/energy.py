@@ -18,13 +18,13 @@ from .. import arm
 from ..evaluation import bits_per_dim, time_callable, write_report
 from ..experiment import Experiment, batched, make_optimizer
 from ..files import save_npy_atomic, write_text_atomic
-from ..marginal import log_marginal, normalized_log_marginal, self_consistency_residual
+from ..marginal import log_marginal, log_normalizer, normalized_log_marginal, self_consistency_residual
 from ..nets import build_backbone
 from ..orders import fixed_order
 from ..plots import save_histograms, save_image_grid
 from ..runtime import maybe_compile, synchronize
 from ..trainer import Trainer
-from .common import checkpoint_meta, export, load_model, run_modes, score_file, validity_uniqueness
+from .common import checkpoint_meta, export, load_model, run_modes, score_file, validity_uniqueness, write_moses_metrics
 
 log = logging.getLogger("mamlib")
 KIND = "energy"
@@ -210,7 +210,8 @@ def evaluate(exp: Experiment, target, info) -> dict:
     D, device, batch_size = info["D"], exp.device, cfg.eval.batch_size
     log_z = target.log_partition() if hasattr(target, "log_partition") else None
     chain = lambda x, m: arm.chain_rule_log_prob(net, x, m, order=model.ranks(len(x)), steps_per_pass=cfg.eval.steps_per_pass)
-    marginal = lambda x, m: normalized_log_marginal(net, x, m)
+    normalizer = log_normalizer(net, device) if mam_model else None  # frozen: f(empty) once, one pass per query
+    marginal = lambda x, m: normalized_log_marginal(net, x, m, normalizer)
     results: dict = {"target": info["target"], "model": "MAM" if mam_model else "ARM", "log_z_exact": log_z}
     row = {"model": results["model"]}
 
@@ -292,6 +293,8 @@ def generate(exp: Experiment, target, info) -> dict:
         report.update(conditional_molecules(exp, target, model))
     exp.write_json("generate_metrics.json", report)
     log.info("generation: %s", report)
+    if cfg.target == "molecule":
+        write_moses_metrics(exp, exp.run_dir / "samples_smiles.txt")
     return report
 
 

@@ -16,13 +16,13 @@ from ..calibration import CalibrationSet, flat_gap_metrics, gap_summary, group_e
 from ..evaluation import aggregate_correlations, bits_per_dim, correlation_summary, time_callable, write_report
 from ..experiment import Experiment, batched, make_optimizer
 from ..files import atomic_write, save_npz_atomic, write_text_atomic
-from ..marginal import normalized_log_marginal, self_consistency_loss
+from ..marginal import log_normalizer, normalized_log_marginal, self_consistency_loss
 from ..orders import random_order
 from ..plots import save_image_grid, save_regenerated_panel, save_scatter
 from ..runtime import maybe_compile, synchronize
 from .ao_arm import first_rows
 from .common import (checkpoint_meta, export, fit_on_data, load_data, load_model, load_trained, net_from_checkpoint, run_modes,
-                     save_samples, score_file)
+                     save_samples, score_file, write_moses_metrics)
 
 log = logging.getLogger("mamlib")
 KIND = "mam"
@@ -95,11 +95,12 @@ class MarginalObjective:
 def validation_metrics(net, rows: torch.Tensor, batch_size: int, device, calibration: CalibrationSet | None = None) -> dict:
     """Cheap checks: self-consistency on held-out data, the marginal network's NLL and its gap to AO-ARM-E."""
     consistency, marginal_nll = 0.0, 0.0
+    normalizer = log_normalizer(net, device)
     for start in range(0, len(rows), batch_size):
         x = rows[start:start + batch_size].to(device)
         _, parts = self_consistency_loss(net, x)
         consistency += parts["consistency"] * len(x)
-        marginal_nll -= normalized_log_marginal(net, x, torch.ones_like(x, dtype=torch.bool)).sum().item()
+        marginal_nll -= normalized_log_marginal(net, x, torch.ones_like(x, dtype=torch.bool), normalizer).sum().item()
     metrics = {"consistency": consistency / len(rows), "bpd_marginal": float(bits_per_dim(-marginal_nll / len(rows), rows.shape[1]))}
     if calibration is not None:
         metrics.update(flat_gap_metrics(calibration.measure(net)))
@@ -219,9 +220,11 @@ def evaluate(exp: Experiment, dataset) -> dict:
     def ensemble_and_single(rows, mask=None):
         return ensemble_and_single_order(net, rows, mask, cfg.eval.mc_ll, batch_size, device, cfg.eval.steps_per_pass)
 
+    normalizer = log_normalizer(net, device)  # frozen weights: f(empty) once, then one pass per query
+
     def marginal_of(rows, mask=None):
         mask = torch.ones_like(rows, dtype=torch.bool) if mask is None else mask
-        return batched(lambda x, m: normalized_log_marginal(net, x, m), rows, mask, batch_size, device)
+        return batched(lambda x, m: normalized_log_marginal(net, x, m, normalizer), rows, mask, batch_size, device)
 
     # 1. test NLL: conditionals (as the paper reports MaM) and the marginal network
     rows = sample_rows(dataset.test, cfg.eval.num_examples, cfg.seed)
@@ -258,7 +261,7 @@ def evaluate(exp: Experiment, dataset) -> dict:
     timing_mask = torch.ones_like(timing_batch, dtype=torch.bool)
     sync = lambda: synchronize(device)
     timings = {
-        "MaM": time_callable(lambda: normalized_log_marginal(net, timing_batch, timing_mask), repeats=cfg.eval.timing_repeats, synchronize=sync),
+        "MaM": time_callable(lambda: normalized_log_marginal(net, timing_batch, timing_mask, normalizer), repeats=cfg.eval.timing_repeats, synchronize=sync),
         "AO-ARM-S": time_callable(lambda: arm.chain_rule_log_prob(net, timing_batch, timing_mask), repeats=cfg.eval.timing_repeats, warmup=0, synchronize=sync),
         "AO-ARM-E": time_callable(lambda: arm.ensemble_log_prob(net, timing_batch, cfg.eval.mc_ll, timing_mask), repeats=max(1, cfg.eval.timing_repeats // 2), warmup=0, synchronize=sync),
     }
@@ -332,13 +335,14 @@ def generate(exp: Experiment, dataset) -> dict:
     cfg = exp.cfg
     model = load_model(exp, dataset.describe(), KIND, dataset.image_shape)
     count, temperature = cfg.generate.num_samples, cfg.generate.temperature
-    unconditional = model.sample(count, temperature=temperature, batch_size=count)
+    batch = min(count, cfg.generate.batch_size)   # molecules: 30,000 samples by default, far more than one batch
+    unconditional = model.sample(count, temperature=temperature, batch_size=batch)
     x, observed, description = conditional_template(exp, dataset)
-    conditional = model.infill(x.repeat(count, 1), observed.repeat(count, 1), temperature=temperature, batch_size=count)
+    conditional = model.infill(x.repeat(count, 1), observed.repeat(count, 1), temperature=temperature, batch_size=batch)
     report = {}
     for name, samples in (("unconditional", unconditional), ("conditional", conditional)):
-        log_marginal = model.log_prob(samples, method="marginal", batch_size=count)
-        log_chain = model.log_prob(samples, method="chain", orders=1, batch_size=count)  # AO-ARM-S: one random order
+        log_marginal = model.log_prob(samples, method="marginal", batch_size=batch)
+        log_chain = model.log_prob(samples, method="chain", orders=1, batch_size=batch)  # AO-ARM-S: one random order
         metrics = save_samples(exp, dataset, torch.from_numpy(samples), stem=f"samples_{name}")
         atomic_write(exp.run_dir / f"samples_{name}_loglik.txt", lambda handle, values=np.stack([log_marginal, log_chain], 1): np.savetxt(handle, values,
                      header="MaM_log_marginal AO-ARM-S_chain_rule (nats)"))
@@ -349,6 +353,8 @@ def generate(exp: Experiment, dataset) -> dict:
                         exp.run_dir / "conditional_template.png")
     exp.write_json("generate_metrics.json", report)
     log.info("generation: %s", report)
+    if dataset.kind == "molecule":
+        write_moses_metrics(exp, exp.run_dir / "samples_unconditional_smiles.txt")
     return report
 
 
