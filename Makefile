@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup test test-slow test-all quickstart clean-venv
+.PHONY: setup test test-slow test-all quickstart bench clean-venv
 
 setup: $(STAMP)
 
@@ -27,6 +27,10 @@ test-all: $(STAMP)
 
 quickstart: $(STAMP)
 	$(PY) scripts/quickstart.py
+
+# Step times, peak memory and query speed of every path (outputs/bench/BENCH.md); run it on an idle machine.
+bench: $(STAMP)
+	$(PY) -m mamlib.bench --output outputs/bench
 
 clean-venv:
 	rm -rf $(VENV)

@@ -57,7 +57,7 @@ FIELDS: dict[str, Field] = {
     "train.eval_every": at_least(1, null=True),
     "eval.mc_ll": at_least(1), "eval.num_examples": at_least(1, null=True), "eval.val_examples": at_least(1),
     "eval.batch_size": at_least(1), "eval.steps_per_pass": at_least(1), "eval.num_samples": at_least(1),
-    "eval.quality_examples": at_least(1), "eval.variants_per_level": at_least(1), "eval.group_size": at_least(1),
+    "eval.quality_examples": at_least(1), "eval.val_samples": at_least(1), "eval.variants_per_level": at_least(1), "eval.group_size": at_least(1),
     "eval.num_groups": at_least(1), "eval.timing_batch": at_least(1), "eval.timing_repeats": at_least(1),
     "eval.threshold": at_least(0, float),
     "generate.num_samples": at_least(1), "generate.batch_size": at_least(1), "generate.temperature": positive(float),

@@ -208,3 +208,26 @@ def write_report(rows: list[dict], columns: list[str], run_dir, stem: str = "res
     write_text_atomic(markdown_path, markdown)
     write_json_atomic(json_path, payload, indent=2, allow_nan=False)
     return markdown_path, json_path
+
+
+MAX_ENUMERATED_STATES = 2 ** 20
+
+
+def all_assignments(num_positions: int, num_classes: int) -> torch.Tensor:
+    """(K^D, D) every assignment in the value convention, first position most significant."""
+    if num_classes ** num_positions > MAX_ENUMERATED_STATES:
+        raise ValueError(f"K^D = {num_classes}^{num_positions} is too many states to enumerate (limit {MAX_ENUMERATED_STATES})")
+    codes = torch.arange(num_classes ** num_positions)
+    powers = num_classes ** torch.arange(num_positions - 1, -1, -1)
+    return (codes.unsqueeze(1) // powers) % num_classes
+
+
+def enumerated_kl(log_q: torch.Tensor, log_f: torch.Tensor) -> dict:
+    """Exact KL(q || f/Z) over every state, with q = softmax(log_q) (normalised here: a marginal network's values need
+    not sum to 1) and log Z = logsumexp(log f). Also returns q's log total mass before normalising."""
+    log_q, log_f = log_q.double(), log_f.double()
+    log_mass = torch.logsumexp(log_q, 0)
+    log_q_normalised = log_q - log_mass
+    log_z = torch.logsumexp(log_f, 0)
+    q = log_q_normalised.exp()
+    return {"kl": float((q * (log_q_normalised - log_f + log_z)).sum()), "log_mass": float(log_mass), "log_z": float(log_z)}

@@ -49,13 +49,17 @@ class Trainer:
     def __init__(self, *, train_cfg, model: torch.nn.Module, objective, optimizer: torch.optim.Optimizer,
                  batches: Callable[[int, int], Iterable], batches_per_epoch: int, run_dir, device: torch.device,
                  dist_info: DistInfo = DistInfo(), logger=None, checkpoint_meta: dict | None = None,
-                 evaluate: Callable[[int], dict] | None = None, extra_parameters: list | None = None):
+                 evaluate: Callable[[int], dict] | None = None, extra_parameters: list | None = None,
+                 best_metric: str | None = None):
         self.cfg = train_cfg
         self.model, self.objective, self.optimizer = model, objective, optimizer
         self.batches, self.batches_per_epoch = batches, batches_per_epoch
         self.run_dir, self.device, self.dist = Path(run_dir), device, dist_info
         self.logger, self.meta, self.evaluate = logger, checkpoint_meta or {}, evaluate
         self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
+        # best_metric: an evaluate() key to minimise; the step where it was lowest is kept as checkpoints/best.pt
+        self.best_metric, self.best_value = best_metric, math.inf
+        self.best_path = self.run_dir / "checkpoints" / "best.pt"
         per_step = train_cfg.batch_size * dist_info.world_size
         effective = train_cfg.get("effective_batch") or per_step
         self.accumulation = max(1, math.ceil(effective / per_step))
@@ -68,7 +72,8 @@ class Trainer:
             raise ValueError("the model has no trainable parameters")
 
     # -- checkpoints -------------------------------------------------------------------------------
-    def save(self) -> None:
+    def save(self, path: Path | None = None) -> None:
+        """The resumable state to ``path`` (default checkpoints/last.pt), refused when any weight is non-finite."""
         if not self.dist.is_main:
             return
         state = self.model.state_dict()
@@ -76,11 +81,12 @@ class Trainer:
         bad += [f"extra parameter {i}" for i, p in enumerate(self.extra_parameters) if not torch.isfinite(p).all()]
         if bad:  # never replace the last good checkpoint by broken weights
             raise self.diverged(f"{len(bad)} weight tensor(s) became non-finite (first: {bad[0]})")
-        save_checkpoint(self.checkpoint_path, {
+        save_checkpoint(path or self.checkpoint_path, {
             **self.meta, "model": state, "optimizer": self.optimizer.state_dict(),
             "objective": self.objective.state_dict(), "step": self.step, "epoch": self.epoch,
-            "batch_in_epoch": self.batch_in_epoch, "rng": rng_state()})
-        self.saved_step = self.step
+            "batch_in_epoch": self.batch_in_epoch, "rng": rng_state(), "best_value": self.best_value})
+        if path is None:
+            self.saved_step = self.step
 
     def diverged(self, what: str, parts: dict | None = None) -> TrainingDiverged:
         """The one-line report of a non-finite loss, gradient or weight: where, which term, what is kept."""
@@ -126,6 +132,7 @@ class Trainer:
         self.objective.load_state_dict(state["objective"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
         set_rng_state(state["rng"])
+        self.best_value = float(state.get("best_value", math.inf))  # best.pt is replaced only by a better evaluation
         self.saved_step = self.step
         log.info("resumed from %s at step %d (epoch %d, batch %d)", path, self.step, self.epoch, self.batch_in_epoch)
         return True
@@ -254,3 +261,8 @@ class Trainer:
         if self.logger and metrics:
             self.logger.log({f"val/{k}": v for k, v in metrics.items()}, self.step)
         log.info("step %d: %s", self.step, ", ".join(f"{k}={v:.4g}" for k, v in metrics.items() if isinstance(v, float)))
+        value = (metrics or {}).get(self.best_metric) if self.best_metric else None
+        if value is not None and math.isfinite(value) and value < self.best_value:
+            self.best_value = float(value)
+            self.save(self.best_path)
+            log.info("step %d: best %s so far (%.4g), saved %s", self.step, self.best_metric, value, self.best_path)

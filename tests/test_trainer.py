@@ -105,3 +105,19 @@ def test_two_cpu_processes_end_with_identical_parameters(tmp_path):
     assert torch.equal(rank0["broadcast"], rank1["broadcast"])      # ...made identical by the broadcast
     assert torch.equal(rank0["final"], rank1["final"])              # and kept identical by gradient averaging
     assert not torch.allclose(rank0["final"], rank0["broadcast"])   # training did move them
+
+
+def test_best_checkpoint_follows_the_lowest_evaluation(tmp_path):
+    """best.pt holds the step whose evaluation was lowest; a worse later evaluation does not replace it, even after resume."""
+    scores = {1: 3.0, 2: 1.0, 3: 2.0, 4: 0.5}
+    trainer, _ = make_trainer(tmp_path, max_steps=3)
+    trainer.cfg.eval_every = 1
+    trainer.evaluate, trainer.best_metric = (lambda step: {"score": scores[step]}), "score"
+    trainer.fit()
+    assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["step"] == 2
+    resumed, _ = make_trainer(tmp_path, max_steps=4)
+    resumed.cfg.eval_every = 1
+    resumed.evaluate, resumed.best_metric = (lambda step: {"score": scores[step]}), "score"
+    assert resumed.resume() and resumed.best_value == 1.0
+    resumed.fit()
+    assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["step"] == 4

@@ -15,12 +15,12 @@ import torch
 from omegaconf import OmegaConf
 
 from .. import arm
-from ..evaluation import bits_per_dim, time_callable, write_report
+from ..evaluation import all_assignments, bits_per_dim, enumerated_kl, time_callable, write_report
 from ..experiment import Experiment, batched, make_optimizer
 from ..files import save_npy_atomic, write_text_atomic
 from ..marginal import log_marginal, log_normalizer, normalized_log_marginal, self_consistency_residual
 from ..nets import build_backbone
-from ..orders import fixed_order
+from ..orders import fixed_order, random_order
 from ..plots import save_histograms, save_image_grid
 from ..runtime import maybe_compile, synchronize
 from ..trainer import Trainer
@@ -178,6 +178,8 @@ def train(exp: Experiment, target, info) -> None:
     cfg = exp.cfg
     net = build_backbone(cfg.arch, info["K"], info["D"], marginal=is_mam(cfg)).to(exp.device)
     objective = (MaMEnergyObjective if is_mam(cfg) else ARMEnergyObjective)(maybe_compile(net, cfg.compile), target, cfg, exp.device)
+    order_kind = None if is_mam(cfg) else cfg.arm_order
+    log_z = target.log_partition() if hasattr(target, "log_partition") else None
     groups = [{"params": list(net.parameters())}]
     extra = []
     if objective.log_z is not None and objective.log_z.requires_grad:
@@ -188,8 +190,11 @@ def train(exp: Experiment, target, info) -> None:
         batches=lambda epoch, start: range(start, cfg.steps_per_epoch), batches_per_epoch=cfg.steps_per_epoch,
         run_dir=exp.run_dir, device=exp.device, dist_info=exp.dist, logger=exp.logger,
         checkpoint_meta=checkpoint_meta(KIND, exp, info, cfg.arch, has_marginal=is_mam(cfg)),
-        extra_parameters=extra)
+        extra_parameters=extra, evaluate=lambda step: training_evaluation(exp, net, target, order_kind, log_z),
+        best_metric=best_metric(net, log_z))
     trainer.run(resume=cfg.resume, overwrite=cfg.get("overwrite", False))
+    if exp.dist.is_main:  # the final weights are evaluated too (and may become best.pt)
+        trainer.run_evaluation()
 
 
 def load_trained(exp: Experiment, info):
@@ -200,6 +205,96 @@ def load_trained(exp: Experiment, info):
 
 def draw_samples(exp, model, count) -> torch.Tensor:
     return torch.from_numpy(model.sample(count, batch_size=exp.cfg.eval.batch_size))
+
+
+def ranks_of(order_kind: str | None, batch_size: int, num_positions: int, device):
+    """The generation order: None (random per call) for a MaM, the ARM baseline's fixed order otherwise."""
+    return None if order_kind is None else fixed_order(batch_size, num_positions, order_kind, device=device)
+
+
+@torch.no_grad()
+def training_evaluation(exp: Experiment, net, target, order_kind: str | None, log_z) -> dict:
+    """Every train.eval_every: KL on eval.val_samples fresh model samples, exact by enumeration where the state space
+    is small, and the NLL of as many ground-truth samples (Ising). The metric named by best_metric() picks best.pt."""
+    cfg, device, D = exp.cfg, exp.device, net.num_positions
+    mam_model, count, batch_size = order_kind is None, cfg.eval.val_samples, cfg.eval.batch_size
+    samples = torch.cat([arm.sample_unconditional(net, min(batch_size, count - start), order=ranks_of(order_kind, min(batch_size, count - start), D, device),
+                                                  device=device).cpu() for start in range(0, count, batch_size)])
+    metrics = sampled_kls(net, order_kind, target, mam_model, samples, batch_size, cfg.eval.steps_per_pass, device, log_z)
+    metrics.update(enumerated_kls(net, target, mam_model, order_kind, batch_size, cfg.eval.steps_per_pass, device))
+    if cfg.target == "ising":
+        truth = ground_truth(exp, target)[:count]
+        chain = lambda x, m: arm.chain_rule_log_prob(net, x, m, order=ranks_of(order_kind, len(x), D, x.device),
+                                                     steps_per_pass=cfg.eval.steps_per_pass)
+        log_p = batched(chain, truth, torch.ones_like(truth, dtype=torch.bool), batch_size, device)
+        metrics["NLL ground truth (bpd)"] = float(bits_per_dim(log_p.mean().item(), D))
+    return metrics
+
+
+def best_metric(net, log_z) -> str:
+    """The evaluation figure that decides best.pt: the exact KL where it can be enumerated, else sampled."""
+    if net.num_classes ** net.num_positions <= ENUMERATION_LIMIT:
+        return "KL enumerated"
+    return "KL sampled" if log_z is not None else "KL - log Z (paper form)"
+
+
+def ground_truth(exp: Experiment, target) -> torch.Tensor:
+    ising = exp.cfg.ising_model
+    return target.ground_truth_samples(exp.data_dir, num_chains=ising.n_samples, num_steps=ising.gt_steps, seed=ising.gt_seed)
+
+
+ENUMERATION_LIMIT = 2 ** 16  # K^D up to this: exact KL by enumerating every state (4x4 Ising: 65,536 states)
+
+
+@torch.no_grad()
+def enumerated_kls(net, target, mam_model: bool, order_kind: str | None, batch_size: int, steps_per_pass: int, device) -> dict:
+    """Exact KL(p || f/Z) by enumeration (K^D <= ENUMERATION_LIMIT), normalised by logsumexp, for both networks.
+
+    Conditionals: the chain rule along one order, a normalised distribution (the ARM's own order; for a MaM one seeded
+    random order, the same for every state). Marginal network: exp(f(x) - f(empty)) normalised over all states, and its
+    log total mass before normalising (0 when the network is normalised).
+    """
+    D, K = net.num_positions, net.num_classes
+    if K ** D > ENUMERATION_LIMIT:
+        return {}
+    states = all_assignments(D, K)
+    full = torch.ones_like(states, dtype=torch.bool)
+    log_f = target.log_f(states).double()
+    if order_kind is None:
+        ranks = random_order(1, D, generator=torch.Generator().manual_seed(0)).expand(len(states), D)
+    else:
+        ranks = ranks_of(order_kind, len(states), D, "cpu")
+    chain = lambda x, m, r: arm.chain_rule_log_prob(net, x, m, order=r, steps_per_pass=steps_per_pass)
+    log_p = torch.cat([chain(states[i:i + batch_size].to(device), full[i:i + batch_size].to(device), ranks[i:i + batch_size].to(device)).cpu()
+                       for i in range(0, len(states), batch_size)])
+    result = {"KL enumerated": enumerated_kl(log_p, log_f)["kl"]}
+    if mam_model:
+        normalizer = log_normalizer(net, device)
+        log_q = batched(lambda x, m: normalized_log_marginal(net, x, m, normalizer), states, full, batch_size, device)
+        marginal = enumerated_kl(log_q, log_f)
+        result.update({"KL enumerated marginal net": marginal["kl"], "log total mass marginal net": marginal["log_mass"]})
+    return result
+
+
+@torch.no_grad()
+def sampled_kls(net, order_kind, target, mam_model: bool, samples, batch_size: int, steps_per_pass: int, device, log_z) -> dict:
+    """KL(p || f/Z) estimated on model samples, in the paper's unnormalised form (KL - log Z) and, where log Z is known,
+    as KL. Conditionals: log p of each sample along one order (the ARM's own; for a MaM one random order per sample, a
+    single-order estimate). Marginal network: f(x) - f(empty), unnormalised."""
+    mask = torch.ones_like(samples, dtype=torch.bool)
+    log_f = target.log_f(samples).double()
+    chain = lambda x, m: arm.chain_rule_log_prob(net, x, m, order=ranks_of(order_kind, len(x), x.shape[1], x.device),
+                                                 steps_per_pass=steps_per_pass)
+    row = {"KL - log Z (paper form)": (batched(chain, samples, mask, batch_size, device) - log_f).mean().item()}
+    if log_z is not None:
+        row["KL sampled"] = row["KL - log Z (paper form)"] + log_z
+    if mam_model:
+        normalizer = log_normalizer(net, device)
+        log_q = batched(lambda x, m: normalized_log_marginal(net, x, m, normalizer), samples, mask, batch_size, device)
+        row["KL - log Z marginal net (paper form)"] = (log_q - log_f).mean().item()
+        if log_z is not None:
+            row["KL sampled marginal net"] = row["KL - log Z marginal net (paper form)"] + log_z
+    return row
 
 
 @torch.no_grad()
@@ -216,25 +311,15 @@ def evaluate(exp: Experiment, target, info) -> dict:
     row = {"model": results["model"]}
 
     if cfg.target == "ising":  # NLL of ground-truth samples
-        ising = cfg.ising_model
-        truth = target.ground_truth_samples(exp.data_dir, num_chains=ising.n_samples, num_steps=ising.gt_steps, seed=ising.gt_seed)
+        truth = ground_truth(exp, target)
         mask = torch.ones_like(truth, dtype=torch.bool)
         row["NLL conditional (bpd)"] = float(bits_per_dim(batched(chain, truth, mask, batch_size, device).mean().item(), D))
         if mam_model:
             row["NLL marginal (bpd)"] = float(bits_per_dim(batched(marginal, truth, mask, batch_size, device).mean().item(), D))
 
     samples = draw_samples(exp, model, cfg.eval.num_samples)
-    mask = torch.ones_like(samples, dtype=torch.bool)
-    log_f = target.log_f(samples).double()
-    log_p_chain = batched(chain, samples, mask, batch_size, device)
-    row["KL unnormalised (paper)"] = (log_p_chain - log_f).mean().item()
-    if log_z is not None:
-        row["KL exact"] = row["KL unnormalised (paper)"] + log_z
-    if mam_model:
-        log_p_marg = batched(marginal, samples, mask, batch_size, device)
-        row["KL marginal unnormalised"] = (log_p_marg - log_f).mean().item()
-        if log_z is not None:
-            row["KL marginal exact"] = row["KL marginal unnormalised"] + log_z
+    row.update(sampled_kls(net, model.order, target, mam_model, samples, batch_size, cfg.eval.steps_per_pass, device, log_z))
+    row.update(enumerated_kls(net, target, mam_model, model.order, batch_size, cfg.eval.steps_per_pass, device))
 
     timing_x = samples[:cfg.eval.timing_batch].to(device)
     timing_mask = torch.ones_like(timing_x, dtype=torch.bool)
