@@ -1,4 +1,4 @@
-"""Energy-based training (ising_eb): python ising_eb_main.py [model=MAM|ARM] [objective=KL|squared] [mode=train|evaluate|generate|score|export] [preset=tiny|cpu]"""
+"""Energy-based training (ising_eb): python ising_eb_main.py [model=MAM|ARM] [objective=KL|squared] [mode=train|evaluate|generate|score|export|grad_variance] [preset=tiny|cpu]"""
 import hydra
 
 from mamlib.cli import check_command_line, run_script

@@ -177,6 +177,20 @@ def save_scatter(x, y, path, xlabel: str = "", ylabel: str = "", title: str = ""
     return _save_figure(fig, _prepare_path(path))
 
 
+def save_bars(named_values: dict, path, ylabel: str = "", title: str = "", log_scale: bool = False) -> Path:
+    """One bar per name, its value printed above it."""
+    names, values = list(named_values), [float(v) for v in named_values.values()]
+    fig, ax = _pyplot().subplots(figsize=(1.6 * max(len(names), 2) + 1, 4))
+    bars = ax.bar(names, values, color="tab:blue")
+    for bar, value in zip(bars, values):
+        ax.annotate(f"{value:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    if log_scale and all(v > 0 for v in values):
+        ax.set_yscale("log")
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.set_title(title, fontsize=9)
+    return _save_figure(fig, _prepare_path(path))
+
+
 def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 

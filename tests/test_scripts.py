@@ -121,6 +121,11 @@ def test_ising_energy_based(model, tmp_path):
         assert row["KL enumerated marginal net"] >= -1e-9 and "log total mass marginal net" in row
     run("mam/ising_eb_main.py", tmp_path, f"model={model}", "mode=generate")
     assert (tmp_path / "samples_lattices.png").is_file()
+    run("mam/ising_eb_main.py", tmp_path, f"model={model}", "mode=grad_variance")
+    rows = json.loads((tmp_path / "grad_variance.json").read_text())["rows"]
+    assert [row["estimator"] for row in rows] == (["MaM"] if model == "MAM" else ["ARM", "ARM-MC"])
+    assert all(row["gradient variance"] > 0 and row["minibatches"] == 3 for row in rows)
+    assert (tmp_path / "grad_variance.png").is_file()
     rows = np.random.default_rng(0).integers(0, 2, size=(3, 9))
     np.save(tmp_path / "in.npy", rows)
     network = "marginal" if model == "MAM" else "conditional"

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -16,6 +17,7 @@ from omegaconf import OmegaConf
 
 from .. import arm
 from ..evaluation import all_assignments, bits_per_dim, enumerated_kl, time_callable, write_report
+from ..errors import ConfigError
 from ..experiment import Experiment, batched, make_optimizer
 from ..files import save_npy_atomic, write_text_atomic
 from ..marginal import log_marginal, log_normalizer, normalized_log_marginal, self_consistency_residual
@@ -407,7 +409,88 @@ def score(exp: Experiment, target, info) -> None:
     score_file(exp, load_trained(exp, info), exp.cfg.score.network)
 
 
-MODES = {"train": train, "evaluate": evaluate, "generate": generate, "score": score, "export": lambda exp: export(exp, KIND)}
+# -- Figure 3: gradient variance -------------------------------------------------------------------
+
+def reinforce_surrogate(net, target, estimator: str, batch_size: int, order_kind, steps_per_pass: int):
+    """One fresh minibatch's REINFORCE surrogate (its gradient is the KL gradient estimate), as the objectives build it.
+
+    MaM: samples from the conditionals, log p = f(x) (one marginal pass). ARM: samples in its order, log p by the exact
+    chain rule. ARM-MC: the same samples, log p estimated by D x one random conditional (an independent draw for the
+    weight), which the paper shows has a far larger variance.
+    """
+    D, device = net.num_positions, next(net.parameters()).device
+    order = ranks_of(order_kind, batch_size, D, device)
+    with torch.no_grad():
+        samples = arm.sample_unconditional(net, batch_size, order=order, device=device)
+    log_f = target_log_f(target, samples)
+    if estimator == "MaM":
+        surrogate = log_marginal(net, samples, torch.ones_like(samples, dtype=torch.bool)).float()
+        estimate = surrogate.detach()
+    elif estimator == "ARM":
+        surrogate = arm.chain_rule_log_prob(net, samples, order=order, steps_per_pass=steps_per_pass).float()
+        estimate = surrogate.detach()
+    else:  # ARM-MC
+        with torch.no_grad():
+            estimate = arm.one_step_log_prob(net, samples, order=order).float()
+        surrogate = arm.one_step_log_prob(net, samples, order=order).float()
+    return (standardized(estimate - log_f) * surrogate).mean()
+
+
+def gradient_statistics(net, make_surrogate, num_batches: int, desc: str) -> dict:
+    """Mean squared deviation of the flattened gradient over independent minibatches, and its ratio to the squared
+    norm of the mean gradient (a scale-free noise-to-signal figure)."""
+    from ..progress import progress
+
+    gradients = []
+    for _ in progress(range(num_batches), desc=desc, leave=False):
+        net.zero_grad(set_to_none=True)
+        make_surrogate().backward()
+        gradients.append(torch.cat([p.grad.detach().flatten().double() for p in net.parameters() if p.grad is not None]))
+    stacked = torch.stack(gradients)
+    mean = stacked.mean(0)
+    variance = (stacked - mean).pow(2).sum(1).mean().item()
+    return {"gradient variance": variance, "squared mean norm": mean.pow(2).sum().item(),
+            "variance / squared mean": variance / max(mean.pow(2).sum().item(), 1e-300), "minibatches": num_batches}
+
+
+def grad_variance(exp: Experiment, target, info) -> dict:
+    """Figure 3: the REINFORCE gradient's variance of MaM (loadpath) and of ARM / ARM-MC (grad_variance.arm_loadpath,
+    or loadpath when that is an ARM checkpoint), each at its checkpoint's parameters."""
+    cfg = exp.cfg
+    settings = cfg.grad_variance
+    batch_size = settings.batch_size or cfg.train.batch_size
+    checkpoints = [("loadpath", load_trained(exp, info))]
+    if settings.get("arm_loadpath"):
+        from ..api import Model
+
+        if not Path(settings.arm_loadpath).is_file():
+            raise ConfigError(f"grad_variance.arm_loadpath={settings.arm_loadpath} is not a file: pass an ARM run's "
+                              "checkpoints/last.pt (model=ARM), or drop the option to measure loadpath's model only")
+        checkpoints.append(("grad_variance.arm_loadpath", Model.from_checkpoint(settings.arm_loadpath, device=exp.device,
+                                                                                kinds=(KIND,), expected_data=info)))
+    rows = []
+    for source, model in checkpoints:
+        net = model.net.train()
+        estimators = ("MaM",) if model.has_marginal else ("ARM", "ARM-MC")
+        for estimator in estimators:
+            torch.manual_seed(cfg.seed)
+            make = lambda: reinforce_surrogate(net, target, estimator, batch_size, model.order, cfg.eval.steps_per_pass)
+            rows.append({"estimator": estimator, "checkpoint": source, "step": model.step, "batch": batch_size,
+                         **gradient_statistics(net, make, settings.num_batches, f"{estimator} gradients")})
+    columns = ["estimator", "checkpoint", "step", "batch", "minibatches", "gradient variance", "squared mean norm",
+               "variance / squared mean"]
+    write_report(rows, columns, exp.run_dir, stem="grad_variance")
+    from ..plots import save_bars
+
+    save_bars({row["estimator"]: row["variance / squared mean"] for row in rows}, exp.run_dir / "grad_variance.png",
+              ylabel="gradient variance / squared mean norm (log scale)", title=f"REINFORCE gradient noise, {info['name']}",
+              log_scale=True)
+    log.info("gradient variance:\n%s", (exp.run_dir / "grad_variance.md").read_text())
+    return {"rows": rows}
+
+
+MODES = {"train": train, "evaluate": evaluate, "generate": generate, "score": score, "export": lambda exp: export(exp, KIND),
+         "grad_variance": grad_variance}
 
 
 def run(cfg, run_dir=None):
