@@ -75,7 +75,8 @@ FCD_REQUIREMENT = "fcd-torch==1.0.7"
 
 # ---------------------------------------------------------------------- one molecule
 def parse(smiles: str | None):
-    """RDKit molecule of a non-empty SMILES that parses and sanitises; None otherwise (molsets' ``get_mol``)."""
+    """RDKit molecule of a non-empty SMILES that parses and sanitises; None otherwise (molsets' ``get_mol``; a molecule
+    without atoms, which molsets would pass on to crash its SA score, is invalid too)."""
     from rdkit import Chem, rdBase
 
     if not smiles or smiles == INVALID:
@@ -88,7 +89,7 @@ def parse(smiles: str | None):
             Chem.SanitizeMol(mol)
         except ValueError:   # RDKit's sanitisation errors subclass ValueError
             return None
-    return mol
+    return mol if mol.GetNumAtoms() else None
 
 
 _filter_patterns: list = []   # MCF + PAINS as RDKit query molecules, set per process by use_filters
@@ -201,7 +202,7 @@ def available_cores() -> int:
 
 # ---------------------------------------------------------------------- sets of molecules
 def unpack(bits: np.ndarray):
-    """(N, 128) packed fingerprints -> (N, 1024) float32 tensor of 0/1 (exact in float32 up to 2^24 set bits)."""
+    """(N, 128) packed fingerprints -> (N, 1024) float32 tensor of 0/1 (their dot products, at most 1024, are exact)."""
     import torch
 
     return torch.from_numpy(np.unpackbits(np.asarray(bits, dtype=np.uint8), axis=1).astype(np.float32))
@@ -288,7 +289,8 @@ def chemnet_activations(canonical: Sequence[str], device="cpu", what: str = "mol
         for start in progress(range(0, len(canonical), CHEMNET_BATCH), desc=f"ChemNet {what}", unit="batch"):
             one_hot = np.stack([get_one_hot(s, CHEMNET_LENGTH) for s in canonical[start:start + CHEMNET_BATCH]])
             inputs = torch.from_numpy(one_hot / one_hot.shape[2]).float().transpose(1, 2).to(device)
-            batches.append(net(inputs).cpu().numpy())
+            # copy: the output is a view of all 88 LSTM steps (92 MB a batch); a view would keep them all in memory
+            batches.append(net(inputs).cpu().numpy().copy())
     net.to("cpu")
     return np.concatenate(batches) if batches else np.zeros((0, 512), dtype=np.float32)
 
