@@ -10,7 +10,6 @@ result on every call without touching it.
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
@@ -28,6 +27,7 @@ from .errors import OutputError, UserError
 from .files import atomic_write, file_digest, temp_path_for, write_text_atomic
 from .marginal import log_normalizer, normalized_log_marginal
 from .orders import fixed_order, from_missing_coded
+from .runtime import seeded
 
 CHECKPOINT_KINDS = ("ao_arm", "mam", "energy")
 METHODS = ("marginal", "chain")
@@ -86,17 +86,6 @@ def arm_order(payload: dict) -> str | None:
     if payload["kind"] != "energy" or payload["has_marginal"]:
         return None
     return (payload.get("config") or {}).get("arm_order", "forward")  # the config default when a test checkpoint has none
-
-
-@contextlib.contextmanager
-def seeded(seed, device: torch.device):
-    """Run the block with torch's generators seeded, restoring them afterwards; ``seed=None`` leaves them alone."""
-    if seed is None:
-        yield
-        return
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        torch.manual_seed(int(seed))
-        yield
 
 
 def as_int_array(value, name: str) -> np.ndarray:

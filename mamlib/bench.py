@@ -25,6 +25,7 @@ import torch
 from omegaconf import OmegaConf
 
 from . import arm
+from .cli import compose_config
 from .errors import UserError
 from .evaluation import markdown_table
 from .files import write_json_atomic, write_text_atomic
@@ -47,16 +48,6 @@ TRAIN_BATCH = 32  # maximum-likelihood training steps (the presets' own batches 
 QUERY_BATCH = 8
 STEPS_PER_PASS = (1, 2, 4, 8, 16)
 CHAIN_STEPS_MEASURED = 16  # chain-rule steps timed per query; the full D-step time is extrapolated from them
-
-
-def compose(config_name: str, overrides: list[str]):
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    from .cli import CONFIG_DIR
-
-    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-        return hydra_compose(config_name, overrides=overrides)
 
 
 def peak_memory_reset() -> bool:
@@ -136,8 +127,8 @@ def maximum_likelihood_cases(sizes: str, device, timer: Timer, batch_override: i
 
     rows = []
     for label, data, overrides, K, D, image_shape in data_backbones(sizes):
-        stage1_cfg = compose(f"ao_arm_{data}", overrides)
-        stage2_cfg = compose(f"mam_{data}", overrides)
+        stage1_cfg = compose_config(f"ao_arm_{data}", overrides)
+        stage2_cfg = compose_config(f"mam_{data}", overrides)
         # one batch size for every backbone (also the on-policy buffer's, drawn by ancestral sampling)
         stage1_cfg.train.batch_size = stage2_cfg.train.batch_size = batch_override or TRAIN_BATCH
         generator = torch.Generator().manual_seed(0)
@@ -211,7 +202,7 @@ def ising_cases(sizes: str, device, timer: Timer, sides, batch_override: int | N
         D = side * side
         steps = {}
         for model, logp_mc in (("MAM", False), ("ARM", False), ("ARM", True)):
-            cfg = compose("ising_eb", [f"preset={preset}", f"ising_model.dim={side}", f"model={model}", f"logp_mc={logp_mc}"])
+            cfg = compose_config("ising_eb", [f"preset={preset}", f"ising_model.dim={side}", f"model={model}", f"logp_mc={logp_mc}"])
             if batch_override:
                 cfg.train.batch_size = batch_override
             target = IsingModel(side, side, sigma=cfg.ising_model.sigma, bias=cfg.ising_model.bias)

@@ -170,6 +170,14 @@ def run_script(cfg: DictConfig, stage: str) -> None:
 CONFIG_DIR = PACKAGE_DIR.parent / "configs"
 
 
+def compose_config(config_name: str, overrides: list[str], return_hydra_config: bool = False):
+    """An entry script's config composed with ``overrides``, as its Hydra main would see it."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name, overrides=overrides, return_hydra_config=return_hydra_config)
+
+
 def check_command_line(config_name: str, argv: list[str] | None = None) -> None:
     """Compose ``config_name`` with the command line's overrides before Hydra runs, so that Hydra's own errors (an
     unknown key or option, bad override syntax) are one ``error:`` line with exit code 2 like the project's.
@@ -179,13 +187,11 @@ def check_command_line(config_name: str, argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     if any(arg.startswith("-") for arg in argv) or os.environ.get("HYDRA_FULL_ERROR") == "1":
         return
-    from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
     try:
-        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
-            compose(config_name, overrides=argv, return_hydra_config=True)
+        compose_config(config_name, argv, return_hydra_config=True)
     except (HydraException, OmegaConfBaseException) as error:
         message = one_line(error).split(" Config search path:")[0]  # the search path is noise for a mistyped option
         if message.startswith("Could not override '") and "To append to your config use +" in message:

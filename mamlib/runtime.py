@@ -71,6 +71,17 @@ def seed_everything(seed: int, rank: int = 0) -> None:
     torch.manual_seed(seed)
 
 
+@contextlib.contextmanager
+def seeded(seed, device: torch.device):
+    """Run the block with torch's generators seeded, restoring them afterwards; ``seed=None`` leaves them alone."""
+    if seed is None:
+        yield
+        return
+    with torch.random.fork_rng(devices=[device] if device.type == ACCELERATOR else []):
+        torch.manual_seed(int(seed))
+        yield
+
+
 def rng_state() -> dict:
     """Every generator's state as tensors and plain values (checkpoints hold nothing else)."""
     version, words, gauss = random.getstate()

@@ -214,6 +214,18 @@ def ranks_of(order_kind: str | None, batch_size: int, num_positions: int, device
     return None if order_kind is None else fixed_order(batch_size, num_positions, order_kind, device=device)
 
 
+def chain_log_prob(net, order_kind: str | None, steps_per_pass: int):
+    """``function(x, mask)``: the chain rule along the model's order (a MaM: a random order per row per call)."""
+    return lambda x, m: arm.chain_rule_log_prob(net, x, m, order=ranks_of(order_kind, len(x), x.shape[1], x.device),
+                                                steps_per_pass=steps_per_pass)
+
+
+def mean_bits_per_dim(log_prob, rows: torch.Tensor, batch_size: int, device) -> float:
+    """NLL of ``rows`` under ``log_prob(x, mask)`` (all positions observed), bits per dimension."""
+    values = batched(log_prob, rows, torch.ones_like(rows, dtype=torch.bool), batch_size, device)
+    return float(bits_per_dim(values.mean().item(), rows.shape[1]))
+
+
 @torch.no_grad()
 def training_evaluation(exp: Experiment, net, target, order_kind: str | None, log_z) -> dict:
     """Every train.eval_every: KL on eval.val_samples fresh model samples, exact by enumeration where the state space
@@ -225,11 +237,8 @@ def training_evaluation(exp: Experiment, net, target, order_kind: str | None, lo
     metrics = sampled_kls(net, order_kind, target, mam_model, samples, batch_size, cfg.eval.steps_per_pass, device, log_z)
     metrics.update(enumerated_kls(net, target, mam_model, order_kind, batch_size, cfg.eval.steps_per_pass, device))
     if cfg.target == "ising":
-        truth = ground_truth(exp, target)[:count]
-        chain = lambda x, m: arm.chain_rule_log_prob(net, x, m, order=ranks_of(order_kind, len(x), D, x.device),
-                                                     steps_per_pass=cfg.eval.steps_per_pass)
-        log_p = batched(chain, truth, torch.ones_like(truth, dtype=torch.bool), batch_size, device)
-        metrics["NLL ground truth (bpd)"] = float(bits_per_dim(log_p.mean().item(), D))
+        metrics["NLL ground truth (bpd)"] = mean_bits_per_dim(chain_log_prob(net, order_kind, cfg.eval.steps_per_pass),
+                                                              ground_truth(exp, target)[:count], batch_size, device)
     return metrics
 
 
@@ -285,9 +294,8 @@ def sampled_kls(net, order_kind, target, mam_model: bool, samples, batch_size: i
     single-order estimate). Marginal network: f(x) - f(empty), unnormalised."""
     mask = torch.ones_like(samples, dtype=torch.bool)
     log_f = target.log_f(samples).double()
-    chain = lambda x, m: arm.chain_rule_log_prob(net, x, m, order=ranks_of(order_kind, len(x), x.shape[1], x.device),
-                                                 steps_per_pass=steps_per_pass)
-    row = {"KL - log Z (paper form)": (batched(chain, samples, mask, batch_size, device) - log_f).mean().item()}
+    log_p = batched(chain_log_prob(net, order_kind, steps_per_pass), samples, mask, batch_size, device)
+    row = {"KL - log Z (paper form)": (log_p - log_f).mean().item()}
     if log_z is not None:
         row["KL sampled"] = row["KL - log Z (paper form)"] + log_z
     if mam_model:
@@ -304,9 +312,8 @@ def evaluate(exp: Experiment, target, info) -> dict:
     cfg = exp.cfg
     model = load_trained(exp, info)
     net, mam_model = model.net, model.has_marginal
-    D, device, batch_size = info["D"], exp.device, cfg.eval.batch_size
+    device, batch_size = exp.device, cfg.eval.batch_size
     log_z = target.log_partition() if hasattr(target, "log_partition") else None
-    chain = lambda x, m: arm.chain_rule_log_prob(net, x, m, order=model.ranks(len(x)), steps_per_pass=cfg.eval.steps_per_pass)
     normalizer = log_normalizer(net, device) if mam_model else None  # frozen: f(empty) once, one pass per query
     marginal = lambda x, m: normalized_log_marginal(net, x, m, normalizer)
     results: dict = {"target": info["target"], "model": "MAM" if mam_model else "ARM", "log_z_exact": log_z}
@@ -314,10 +321,10 @@ def evaluate(exp: Experiment, target, info) -> dict:
 
     if cfg.target == "ising":  # NLL of ground-truth samples
         truth = ground_truth(exp, target)
-        mask = torch.ones_like(truth, dtype=torch.bool)
-        row["NLL conditional (bpd)"] = float(bits_per_dim(batched(chain, truth, mask, batch_size, device).mean().item(), D))
+        row["NLL conditional (bpd)"] = mean_bits_per_dim(chain_log_prob(net, model.order, cfg.eval.steps_per_pass), truth,
+                                                         batch_size, device)
         if mam_model:
-            row["NLL marginal (bpd)"] = float(bits_per_dim(batched(marginal, truth, mask, batch_size, device).mean().item(), D))
+            row["NLL marginal (bpd)"] = mean_bits_per_dim(marginal, truth, batch_size, device)
 
     samples = draw_samples(exp, model, cfg.eval.num_samples)
     row.update(sampled_kls(net, model.order, target, mam_model, samples, batch_size, cfg.eval.steps_per_pass, device, log_z))
