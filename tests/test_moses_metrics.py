@@ -191,7 +191,8 @@ def test_fingerprints_and_properties_match_the_wheel_statistics(wheel):
 
 
 # ---------------------------------------------------------------------- slow: against the whole MOSES test set
-# The MOSES paper's "Train" row (Polykovskiy et al. 2020, Table 2; molsets README), metrics against Test.
+# The MOSES paper's "Train" row (Polykovskiy et al. 2020, Table 2; molsets README), metrics against Test. valid, IntDiv,
+# FCD/Test and SNN/Test are in docs/reference-numbers.md; the others were taken from the molsets README from memory.
 MOSES_TRAIN_ROW = {"valid": 1.0, "unique@1000": 1.0, "unique@10000": 1.0, "Novelty": 0.0, "Filters": 1.0,
                    "IntDiv": 0.8567, "IntDiv2": 0.8508, "FCD/Test": 0.008, "SNN/Test": 0.6419, "Frag/Test": 1.0,
                    "Scaf/Test": 0.9907}
@@ -209,7 +210,6 @@ TRAIN_SAMPLE_RANGES = {"FCD/Test": (0.36, 0.49), "Scaf/Test": (0.63, 0.80)}
 
 
 @pytest.mark.slow
-@pytest.mark.skip(reason="issue 10 in progress: needs statistics of the whole MOSES test set (~30 min on 2 cores); FCD/Test came out None in the last run, not yet diagnosed")
 def test_train_sample_reproduces_moses_train_row(wheel):
     """3,000 random MOSES train molecules against the whole MOSES test set (its statistics are computed once into
     data/moses/, about 15 minutes on 2 cores, then cached; the metrics themselves take about 2 minutes)."""
@@ -231,7 +231,7 @@ def test_train_sample_reproduces_moses_train_row(wheel):
 
 @pytest.mark.slow
 def test_reference_statistics_match_the_wheel_statistics(wheel):
-    """Our cached statistics of the whole test set against molsets' own (computed with the RDKit and GPU of 2020)."""
+    """Our cached statistics of the whole test set against molsets' own (computed with the RDKit of 2020)."""
     data_dir = default_data_dir()
     stats = wheel_statistics(wheel)
     structure = mm.reference_statistics(data_dir, "test", "structure")
