@@ -53,6 +53,27 @@ def aoarm_loss(net, x, generator: torch.Generator | None = None, order=None, ste
     return per_example.mean(), per_example.detach()
 
 
+def _chain_rule_passes(net, x, observed_mask, order, steps_per_pass: int):
+    """Yields, per network pass, the (B,) float64 sum of that pass's chain-rule terms (with autograd when enabled)."""
+    batch = x.shape[0]
+    counts = observed_mask.sum(1)
+    num_steps = int(counts.max().item()) if batch else 0
+    for start in range(0, num_steps, steps_per_pass):
+        steps = torch.arange(start, min(start + steps_per_pass, num_steps), device=x.device)
+        chunk = len(steps)
+        step_per_row = steps.repeat_interleave(batch)  # (chunk*B,)
+        rank_rep = order.repeat(chunk, 1)
+        picked = position_log_prob(net, x.repeat(chunk, 1), observed_before(rank_rep, step_per_row), index_at(rank_rep, step_per_row))
+        valid = step_per_row < counts.repeat(chunk)
+        yield (picked.double() * valid).view(chunk, batch).sum(0)
+
+
+def _observed_and_order(x, observed_mask, order):
+    if observed_mask is None:
+        observed_mask = torch.ones_like(x, dtype=torch.bool)
+    return observed_mask, order_observed_first(observed_mask) if order is None else order
+
+
 def chain_rule_log_prob(net, x, observed_mask=None, order=None, steps_per_pass: int = 1) -> torch.Tensor:
     """Exact log p(x_S) along one order: sum over the observed positions of their conditionals.
 
@@ -61,23 +82,26 @@ def chain_rule_log_prob(net, x, observed_mask=None, order=None, steps_per_pass: 
     ``steps_per_pass`` chain steps are evaluated in one network pass (batch grows by that factor).
     Returns float64 (B,) natural-log probabilities.
     """
-    batch, dim = x.shape
-    if observed_mask is None:
-        observed_mask = torch.ones_like(x, dtype=torch.bool)
-    if order is None:
-        order = order_observed_first(observed_mask)
-    counts = observed_mask.sum(1)
-    total = torch.zeros(batch, dtype=torch.float64, device=x.device)
-    num_steps = int(counts.max().item()) if batch else 0
-    for start in range(0, num_steps, steps_per_pass):
-        steps = torch.arange(start, min(start + steps_per_pass, num_steps), device=x.device)
-        chunk = len(steps)
-        step_per_row = steps.repeat_interleave(batch)  # (chunk*B,)
-        rank_rep = order.repeat(chunk, 1)
-        x_rep = x.repeat(chunk, 1)
-        picked = position_log_prob(net, x_rep, observed_before(rank_rep, step_per_row), index_at(rank_rep, step_per_row))
-        valid = step_per_row < counts.repeat(chunk)
-        total += (picked.double() * valid).view(chunk, batch).sum(0)
+    observed_mask, order = _observed_and_order(x, observed_mask, order)
+    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    for terms in _chain_rule_passes(net, x, observed_mask, order, steps_per_pass):
+        total = total + terms
+    return total
+
+
+def backward_chain_rule(net, x, row_weights: torch.Tensor, observed_mask=None, order=None, steps_per_pass: int = 1) -> torch.Tensor:
+    """Backpropagates sum_b row_weights[b] * log p(x_b,S) (the chain rule of :func:`chain_rule_log_prob`) one network
+    pass at a time, so only one pass's activations are alive instead of all D/steps_per_pass passes'.
+
+    Gradients accumulate into ``.grad`` exactly as ``(row_weights * chain_rule_log_prob(...)).sum().backward()`` would.
+    Returns the detached float64 (B,) log-probabilities.
+    """
+    observed_mask, order = _observed_and_order(x, observed_mask, order)
+    total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+    weights = row_weights.detach().double()
+    for terms in _chain_rule_passes(net, x, observed_mask, order, steps_per_pass):
+        (weights * terms).sum().backward()
+        total += terms.detach()
     return total
 
 
@@ -122,10 +146,13 @@ def one_step_mean_log_prob(net, x, order=None, generator: torch.Generator | None
 
 
 @torch.no_grad()
-def sample(net, x, observed_mask, order=None, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample(net, x, observed_mask, order=None, temperature: float = 1.0, generator: torch.Generator | None = None,
+           return_log_prob: bool = False):
     """Fill every unobserved position by ancestral sampling along ``order``; observed values never change.
 
-    ``order`` must generate the observed positions first (default: a random such order).
+    ``order`` must generate the observed positions first (default: a random such order). With ``return_log_prob``
+    also returns float64 (B,) log p(drawn values | observed) along that order at temperature 1: the sampling passes
+    already hold every conditional the chain rule would recompute.
     """
     batch, dim = x.shape
     if order is None:
@@ -133,6 +160,7 @@ def sample(net, x, observed_mask, order=None, temperature: float = 1.0, generato
     x = torch.where(observed_mask, x, torch.zeros_like(x))
     known = observed_mask.clone()
     rows = torch.arange(batch, device=x.device)
+    log_prob = torch.zeros(batch, dtype=torch.float64, device=x.device)
     first = int(observed_mask.sum(1).min().item())
     for step in range(first, dim):
         position = index_at(order, step)
@@ -144,14 +172,18 @@ def sample(net, x, observed_mask, order=None, temperature: float = 1.0, generato
         drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         x[rows, position] = torch.where(is_new, drawn, x[rows, position])
         known[rows, position] = True
-    return x
+        if return_log_prob:
+            log_prob += torch.where(is_new, value_log_prob(logits, x, position).double(), 0.0)
+    return (x, log_prob) if return_log_prob else x
 
 
 @torch.no_grad()
-def sample_unconditional(net, num_samples: int, order=None, temperature: float = 1.0, device=None, generator=None) -> torch.Tensor:
+def sample_unconditional(net, num_samples: int, order=None, temperature: float = 1.0, device=None, generator=None,
+                         return_log_prob: bool = False):
     dim = net.num_positions
     x = torch.zeros(num_samples, dim, dtype=torch.long, device=device)
-    return sample(net, x, torch.zeros_like(x, dtype=torch.bool), order=order, temperature=temperature, generator=generator)
+    return sample(net, x, torch.zeros_like(x, dtype=torch.bool), order=order, temperature=temperature, generator=generator,
+                  return_log_prob=return_log_prob)
 
 
 @torch.no_grad()

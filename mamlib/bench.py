@@ -95,13 +95,15 @@ class Timer:
         return {"median_s": statistics.median(seconds), "peak_mib": peak_memory_mib() if can_reset else None}
 
 
-def train_step(net, loss_fn, parameters):
+def train_step(net, loss_fn, parameters, backpropagates: bool = False):
+    """One optimizer step; ``backpropagates``: loss_fn runs its own backward (an objective's loss_and_backward)."""
     optimizer = torch.optim.Adam(parameters, lr=1e-4)
 
     def step():
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn()
-        loss.backward()
+        if not backpropagates:
+            loss.backward()
         optimizer.step()
 
     return step
@@ -212,7 +214,9 @@ def ising_cases(sizes: str, device, timer: Timer, sides, batch_override: int | N
             objective.on_epoch_start(0)
             label = {("MAM", False): "Ising MaM-KL step", ("ARM", False): "Ising ARM step (exact log p)",
                      ("ARM", True): "Ising ARM-MC step (one-step log p)"}[(model, logp_mc)]
-            result = timer(train_step(net, lambda: objective.loss(None)[0], net.parameters()), f"{label}, D={D}")
+            piecewise = getattr(objective, "loss_and_backward", None)
+            loss_fn = (lambda: piecewise(None)) if piecewise else (lambda: objective.loss(None)[0])
+            result = timer(train_step(net, loss_fn, net.parameters(), backpropagates=piecewise is not None), f"{label}, D={D}")
             steps[label] = result["median_s"]
             note = f"steps_per_pass={cfg.eval.steps_per_pass}" if (model, logp_mc) == ("ARM", False) else ""
             rows.append({"backbone": "MLP", "sizes": sizes, "D": D, "case": label, "batch": cfg.train.batch_size, **result,

@@ -1,7 +1,9 @@
 """One training loop for every stage: accumulation, clipping, data parallelism, bf16, checkpoints, resume, logging.
 
 An *objective* supplies the per-batch loss; the trainer knows nothing about models beyond their parameters:
-  objective.loss(batch) -> (scalar loss, {name: float})
+  objective.loss(batch) -> (scalar loss, {name: float}), or instead
+  objective.loss_and_backward(batch, scale) -> (loss value, {name: float}) having backpropagated scale * loss itself
+  (in pieces, to bound memory: the ARM baseline's D-pass chain rule)
   objective.on_epoch_start(epoch)        (e.g. re-seed a persistent sample buffer)
   objective.state_dict() / load_state_dict(state)   (buffers that resuming needs)
 """
@@ -204,6 +206,7 @@ class Trainer:
             if self.cfg.get("eval_at_start") and self.step == 0 and self.evaluate and self.dist.is_main:
                 self.run_evaluation()  # the starting point of the validation curves
             self.model.train()
+            piecewise = getattr(self.objective, "loss_and_backward", None)  # objectives that backpropagate in pieces
             while self.epoch < self.cfg.n_epochs and self.step < total:
                 if self.batch_in_epoch == 0:
                     self.objective.on_epoch_start(self.epoch)
@@ -214,11 +217,15 @@ class Trainer:
                     if torch.is_tensor(batch):
                         batch = batch.to(self.device, non_blocking=True)
                     with autocast(self.device, self.cfg.get("precision") == "bf16"):
-                        loss, metrics = self.objective.loss(batch)
-                    loss_value = loss.item()
-                    if not math.isfinite(loss_value):
+                        if piecewise:
+                            loss_value, metrics = piecewise(batch, 1.0 / self.accumulation)
+                        else:
+                            loss, metrics = self.objective.loss(batch)
+                            loss_value = loss.item()
+                    if not math.isfinite(loss_value):  # before any optimizer step: no non-finite weights are saved
                         raise self.diverged(f"the loss is {loss_value}", metrics)
-                    (loss / self.accumulation).backward()
+                    if not piecewise:
+                        (loss / self.accumulation).backward()
                     running["loss"] += loss_value
                     for key, value in metrics.items():
                         running[key] += float(value)

@@ -79,6 +79,38 @@ def test_one_step_estimator_is_unbiased_for_order_average():
 
 
 @torch.no_grad()
+def test_sampling_log_prob_is_the_chain_rule_of_the_samples():
+    net = small_transformer(seed=4)
+    order = fixed_order(64, D, "backward")
+    samples, log_prob = arm.sample_unconditional(net, 64, order=order, generator=torch.Generator().manual_seed(2),
+                                                 return_log_prob=True)
+    assert torch.allclose(log_prob, arm.chain_rule_log_prob(net, samples, order=order), atol=1e-5)
+    # with evidence: log p(new values | evidence) = log p(all) - log p(evidence) along the same order
+    observed = torch.tensor([[False, True, False, True]]).repeat(64, 1)
+    order = order_observed_first(observed, generator=torch.Generator().manual_seed(3))
+    filled, log_prob = arm.sample(net, samples, observed, order=order, return_log_prob=True)
+    expected = arm.chain_rule_log_prob(net, filled, order=order) - arm.chain_rule_log_prob(net, filled, observed, order=order)
+    assert torch.allclose(log_prob, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("steps_per_pass", [1, 3])
+def test_piecewise_chain_rule_backward_gives_the_whole_graph_gradient(steps_per_pass):
+    net = small_transformer(seed=5).train()
+    x = all_states(D, K)[::7]
+    order = random_order(len(x), D, generator=torch.Generator().manual_seed(4))
+    weights = torch.randn(len(x), generator=torch.Generator().manual_seed(5))
+    net.zero_grad()
+    whole = arm.chain_rule_log_prob(net, x, order=order)
+    (weights.double() * whole).sum().backward()
+    expected = [p.grad.clone() for p in net.parameters()]
+    net.zero_grad()
+    returned = arm.backward_chain_rule(net, x, weights, order=order, steps_per_pass=steps_per_pass)
+    assert torch.allclose(returned, whole.detach(), atol=1e-6)
+    for parameter, reference in zip(net.parameters(), expected):
+        assert torch.allclose(parameter.grad, reference, atol=1e-6, rtol=1e-5)
+
+
+@torch.no_grad()
 def test_conditional_samples_keep_evidence_and_match_model():
     net = small_transformer(seed=3)
     observed = torch.tensor([[False, True, False, True]])

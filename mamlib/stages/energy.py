@@ -126,9 +126,10 @@ class MaMEnergyObjective:
 
 
 class ARMEnergyObjective:
-    """Fixed-order ARM baseline: REINFORCE on fresh ancestral samples each step.
+    """Fixed-order ARM baseline: REINFORCE on fresh ancestral samples each step (:func:`reinforce_backward`).
 
-    Exact: log p(x) by the D-pass chain rule (with gradient). logp_mc: one random conditional, x D (high variance).
+    Exact: log p(x) by the D-pass chain rule, backpropagated one pass at a time. logp_mc: one random conditional, x D
+    (high variance).
     """
 
     def __init__(self, net, target, cfg, device):
@@ -137,29 +138,14 @@ class ARMEnergyObjective:
         self.net, self.target, self.cfg, self.device = net, target, cfg, device
         self.log_z = None
 
-    def order(self, batch_size):
-        return fixed_order(batch_size, self.net.num_positions, self.cfg.arm_order, device=self.device)
-
     def on_epoch_start(self, epoch: int) -> None:
         pass
 
-    def loss(self, batch):
+    def loss_and_backward(self, batch, scale: float = 1.0) -> tuple[float, dict]:
+        """The trainer calls this instead of ``loss``: the exact estimator's backward runs pass by pass."""
         cfg = self.cfg
-        order = self.order(cfg.train.batch_size)
-        self.net.eval()
-        samples = arm.sample_unconditional(self.net, cfg.train.batch_size, order=order, device=self.device)
-        self.net.train()
-        log_f = target_log_f(self.target, samples)
-        if cfg.logp_mc:
-            with torch.no_grad():
-                estimate = arm.one_step_log_prob(self.net, samples, order=order).float()
-            surrogate = arm.one_step_log_prob(self.net, samples, order=order).float()
-        else:
-            surrogate = arm.chain_rule_log_prob(self.net, samples, order=order, steps_per_pass=cfg.eval.steps_per_pass).float()
-            estimate = surrogate.detach()
-        weight = standardized(estimate - log_f)
-        return (weight * surrogate).mean(), {"log_f_mean": log_f.mean().item(), "log_f_std": log_f.std().item(),
-                                              "kl_estimate": (estimate - log_f).mean().item()}
+        return reinforce_backward(self.net, self.target, "ARM-MC" if cfg.logp_mc else "ARM", cfg.train.batch_size,
+                                  cfg.arm_order, cfg.eval.steps_per_pass, scale)
 
     def state_dict(self) -> dict:
         return {}
@@ -418,32 +404,43 @@ def score(exp: Experiment, target, info) -> None:
 
 # -- Figure 3: gradient variance -------------------------------------------------------------------
 
-def reinforce_surrogate(net, target, estimator: str, batch_size: int, order_kind, steps_per_pass: int):
-    """One fresh minibatch's REINFORCE surrogate (its gradient is the KL gradient estimate), as the objectives build it.
+def reinforce_backward(net, target, estimator: str, batch_size: int, order_kind, steps_per_pass: int,
+                       scale: float = 1.0) -> tuple[float, dict]:
+    """Backpropagates one fresh minibatch's REINFORCE surrogate, scale * mean_b w_b log p(x_b) with the standardised
+    reward w = standardise(log p - log f) held fixed: its gradient is the KL gradient estimate. Returns (surrogate value,
+    logged figures).
 
-    MaM: samples from the conditionals, log p = f(x) (one marginal pass). ARM: samples in its order, log p by the exact
-    chain rule. ARM-MC: the same samples, log p estimated by D x one random conditional (an independent draw for the
-    weight), which the paper shows has a far larger variance.
+    MaM: samples from the conditionals, log p = f(x) (one marginal pass). ARM: samples in its order; log p is the exact
+    chain rule, which the sampling passes already computed (the weights), backpropagated one network pass at a time
+    (memory of one pass, not D). ARM-MC: the same samples, log p estimated by D x one random conditional (an
+    independent draw for the weight), which the paper shows has a far larger variance.
     """
     D, device = net.num_positions, next(net.parameters()).device
     order = ranks_of(order_kind, batch_size, D, device)
-    with torch.no_grad():
-        samples = arm.sample_unconditional(net, batch_size, order=order, device=device)
+    was_training = net.training
+    net.eval()
+    samples, sample_log_prob = arm.sample_unconditional(net, batch_size, order=order, device=device, return_log_prob=True)
+    net.train(was_training)
     log_f = target_log_f(target, samples)
-    if estimator == "MaM":
-        surrogate = log_marginal(net, samples, torch.ones_like(samples, dtype=torch.bool)).float()
-        estimate = surrogate.detach()
-    elif estimator == "ARM":
-        surrogate = arm.chain_rule_log_prob(net, samples, order=order, steps_per_pass=steps_per_pass).float()
-        estimate = surrogate.detach()
-    else:  # ARM-MC
-        with torch.no_grad():
-            estimate = arm.one_step_log_prob(net, samples, order=order).float()
-        surrogate = arm.one_step_log_prob(net, samples, order=order).float()
-    return (standardized(estimate - log_f) * surrogate).mean()
+    if estimator == "ARM":
+        estimate = sample_log_prob.float()
+        weight = standardized(estimate - log_f)
+        arm.backward_chain_rule(net, samples, weight * (scale / batch_size), order=order, steps_per_pass=steps_per_pass)
+    else:
+        if estimator == "MaM":
+            surrogate = log_marginal(net, samples, torch.ones_like(samples, dtype=torch.bool)).float()
+            estimate = surrogate.detach()
+        else:  # ARM-MC
+            with torch.no_grad():
+                estimate = arm.one_step_log_prob(net, samples, order=order).float()
+            surrogate = arm.one_step_log_prob(net, samples, order=order).float()
+        weight = standardized(estimate - log_f)
+        ((weight * surrogate).mean() * scale).backward()
+    value = (weight * estimate).mean().item()
+    return value, {"log_f_mean": log_f.mean().item(), "log_f_std": log_f.std().item(), "kl_estimate": (estimate - log_f).mean().item()}
 
 
-def gradient_statistics(net, make_surrogate, num_batches: int, desc: str) -> dict:
+def gradient_statistics(net, backpropagate, num_batches: int, desc: str) -> dict:
     """Mean squared deviation of the flattened gradient over independent minibatches, and its ratio to the squared
     norm of the mean gradient (a scale-free noise-to-signal figure)."""
     from ..progress import progress
@@ -451,7 +448,7 @@ def gradient_statistics(net, make_surrogate, num_batches: int, desc: str) -> dic
     gradients = []
     for _ in progress(range(num_batches), desc=desc, leave=False):
         net.zero_grad(set_to_none=True)
-        make_surrogate().backward()
+        backpropagate()
         gradients.append(torch.cat([p.grad.detach().flatten().double() for p in net.parameters() if p.grad is not None]))
     stacked = torch.stack(gradients)
     mean = stacked.mean(0)
@@ -481,7 +478,7 @@ def grad_variance(exp: Experiment, target, info) -> dict:
         estimators = ("MaM",) if model.has_marginal else ("ARM", "ARM-MC")
         for estimator in estimators:
             torch.manual_seed(cfg.seed)
-            make = lambda: reinforce_surrogate(net, target, estimator, batch_size, model.order, cfg.eval.steps_per_pass)
+            make = lambda: reinforce_backward(net, target, estimator, batch_size, model.order, cfg.eval.steps_per_pass)
             rows.append({"estimator": estimator, "checkpoint": source, "step": model.step, "batch": batch_size,
                          **gradient_statistics(net, make, settings.num_batches, f"{estimator} gradients")})
     columns = ["estimator", "checkpoint", "step", "batch", "minibatches", "gradient variance", "squared mean norm",
