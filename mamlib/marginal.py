@@ -68,26 +68,32 @@ def self_consistency_residual(net, x, order=None, generator=None) -> tuple[torch
 
 
 @torch.no_grad()
-def anchor_target(net, x, observed_mask, generator=None) -> torch.Tensor:
-    """Unbiased one-pass estimate of E_sigma log p_sigma(x_S), the order-averaged chain rule over S.
+def anchor_target(net, x, observed_mask, generator=None, draws: int = 1) -> torch.Tensor:
+    """Unbiased estimate of E_sigma log p_sigma(x_S), the order-averaged chain rule over S, from ``draws`` passes.
 
     A random order of S and t ~ U{0..|S|-1} give a prefix P (the first t positions of S); the estimate is
     |S| * mean_{j in S minus P} log p_phi(x_j | x_P). For each t the mean is an unbiased estimate of the t-th
     chain-rule term averaged over orders, so the sum over t (|S| times a uniform draw) is unbiased for the
-    whole chain rule. Rows with S empty get 0. float32 (B,), no gradient (a regression target).
+    whole chain rule. With ``draws`` = m > 1 the m prefix sizes are stratified (draw k has t/|S| in [k/m, (k+1)/m))
+    and averaged: still unbiased, and the early (uncertain) and late (near-certain) steps no longer swing one draw by
+    hundreds of nats. Rows with S empty get 0. float32 (B,), no gradient (a regression target).
     """
+    batch = x.shape[0]
     counts = observed_mask.sum(1)
-    order = order_observed_first(observed_mask, generator=generator)
-    uniform = torch.rand(counts.shape, device=x.device, generator=generator)
-    prefix_size = (uniform * counts).floor().long()  # U{0..|S|-1}
+    order = order_observed_first(observed_mask, generator=generator).repeat(draws, 1)
+    strata = torch.arange(draws, device=x.device, dtype=torch.float32).unsqueeze(1)
+    uniform = (strata + torch.rand(draws, batch, device=x.device, generator=generator)) / draws
+    prefix_size = (uniform * counts).floor().long().flatten()  # U{0..|S|-1}, stratified over the draws
     prefix = observed_before(order, prefix_size)
-    values = value_log_probs(conditional_log_probs(net, x, prefix), x)
-    remaining = (observed_mask & ~prefix).float()
-    return counts.float() * (values * remaining).sum(1) / remaining.sum(1).clamp(min=1.0)
+    x_rep, observed_rep = x.repeat(draws, 1), observed_mask.repeat(draws, 1)
+    values = value_log_probs(conditional_log_probs(net, x_rep, prefix), x_rep)
+    remaining = (observed_rep & ~prefix).float()
+    estimates = counts.repeat(draws).float() * (values * remaining).sum(1) / remaining.sum(1).clamp(min=1.0)
+    return estimates.view(draws, batch).mean(0)
 
 
 def self_consistency_loss(net, x, log_z: float | torch.Tensor = 0.0, order=None, generator=None,
-                          anchor_weight: float = 0.0):
+                          anchor_weight: float = 0.0, anchor_draws: int = 1):
     """D * mean(residual^2) + (f(empty) - log_z)^2 [+ anchor_weight * mean((f(S) - f(empty) - anchor)^2) / D].
 
     The anchor term regresses the normalised marginal of the extended prefix S on :func:`anchor_target`; its
@@ -101,7 +107,7 @@ def self_consistency_loss(net, x, log_z: float | torch.Tensor = 0.0, order=None,
     loss = x.shape[1] * consistency + normalizer
     parts = {"consistency": consistency.item(), "normalizer": normalizer.item(), "log_z_model": terms["f_empty"].item()}
     if anchor_weight > 0:
-        target = anchor_target(net, x, terms["extended_mask"], generator=generator)
+        target = anchor_target(net, x, terms["extended_mask"], generator=generator, draws=anchor_draws)
         anchor = (terms["f_extended"] - terms["f_empty"] - target).pow(2).mean() / x.shape[1]
         loss = loss + anchor_weight * anchor
         parts["anchor"] = anchor.item()
