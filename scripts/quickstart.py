@@ -32,7 +32,7 @@ def main() -> None:
     stage1, stage2 = OUT / "stage1", OUT / "stage2"
     timings = {}
     timings["stage 1 train"] = run("ao_arm", stage1)
-    timings["stage 1 generate"] = run("ao_arm", stage1, "mode=generate", "generate.num_samples=16", "generate.batch_size=16")
+    timings["stage 1 generate"] = run("ao_arm", stage1, "mode=generate", "generate.num_samples=9", "generate.batch_size=9")
     checkpoint = stage1 / "checkpoints" / "last.pt"
     timings["stage 2 train"] = run("mam", stage2, "load_pretrain=True", f"loadpath_pretrain={checkpoint}")
     timings["stage 2 eval"] = run("mam", stage2, "mode=eval")
