@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..progress import progress
 from .base import DiscreteDataset, save_npy_atomic, tensor_dataset, write_json_atomic
 from .fetch import DataSourceError, fetch_or_explain, pip_download_wheel, verify_source
 
@@ -85,11 +86,12 @@ def smiles_to_selfies(smiles: list[str], workers: int = 2) -> list[str]:
         methods = multiprocessing.get_all_start_methods()
         context = multiprocessing.get_context("fork" if "fork" in methods else None)
         with context.Pool(workers) as pool:
-            result = pool.map(_smiles_to_selfies, smiles, chunksize=2_000)
+            result = list(progress(pool.imap(_smiles_to_selfies, smiles, chunksize=2_000), total=len(smiles),
+                                   desc="SMILES -> SELFIES", unit="mol"))
             pool.close()
             pool.join()
     else:
-        result = [_smiles_to_selfies(s) for s in smiles]
+        result = [_smiles_to_selfies(s) for s in progress(smiles, desc="SMILES -> SELFIES", unit="mol", leave=False)]
     failed = [s for s, out in zip(smiles, result) if out is None]
     if failed:
         raise ValueError(f"selfies could not encode {len(failed)} molecules, e.g. {failed[:3]}")
