@@ -177,12 +177,12 @@ def real_groups(exp: Experiment, dataset) -> list[torch.Tensor]:
 
 def score_groups(exp: Experiment, net, groups: list[torch.Tensor], ensemble_and_single, marginal_of) -> dict:
     """AO-ARM-E reference, AO-ARM-S and MaM on every group: correlations, calibration, per-group error."""
-    # all groups in one batched call (groups are small: a few rows per pass wastes most of a CPU pass)
-    rows = torch.cat(groups)
-    sizes = [len(group) for group in groups]
-    split = lambda values: [part.numpy() for part in torch.split(values, sizes)]
-    ensemble, single_order = ensemble_and_single(rows)
-    reference, single, marginal = split(ensemble), split(single_order), split(marginal_of(rows))
+    reference, single, marginal = [], [], []
+    for group in groups:
+        group_ensemble, group_single = ensemble_and_single(group)
+        reference.append(group_ensemble.numpy())
+        single.append(group_single.numpy())
+        marginal.append(marginal_of(group).numpy())
     threshold = exp.cfg.eval.threshold
     mam_pairs = list(zip(reference, marginal))
     return {"reference": reference, "single": single, "marginal": marginal,
