@@ -28,6 +28,7 @@ class Field:
     kind: type                  # int, float, bool or str
     low: float | None = None    # smallest allowed value
     strict: bool = False        # ``low`` itself is not allowed
+    below: float | None = None  # values must be smaller than this
     null: bool = False          # None (null) is allowed
     choices: tuple = ()
 
@@ -70,7 +71,8 @@ FIELDS: dict[str, Field] = {
     "dataset.val_fraction": at_least(0, float), "dataset.test_fraction": at_least(0, float),
     "load_pretrain": Field(bool), "loadpath_pretrain": Field(str, null=True), "freeze_conditional": Field(bool),
     "include_onpolicy": Field(bool), "onpolicy_init": one_of("samples", "data"), "gibbs_steps": at_least(1),
-    "model": one_of("MAM", "ARM"), "objective": one_of("KL", "squared"), "logp_mc": Field(bool), "alpha": at_least(0, float),
+    "model": one_of("MAM", "ARM"), "objective": one_of("KL", "squared"), "keep_chains": Field(bool),
+    "squared_data": one_of("uniform", "pseudo"), "logp_mc": Field(bool), "alpha": at_least(0, float),
     "zlr": positive(float), "arm_order": one_of("forward", "backward"), "steps_per_epoch": at_least(1),
     "tau": positive(float), "L": at_least(1), "target_value": Field(float), "metric_name": one_of("logP", "QED", "SA"),
     "string_type": Field(str), "load_full": Field(bool), "dataset.max_len": at_least(1, null=True),
@@ -78,6 +80,7 @@ FIELDS: dict[str, Field] = {
     "ising_model.bias": Field(float), "ising_model.n_samples": at_least(1), "ising_model.gt_steps": at_least(0),
     "anchor_weight": at_least(0, float), "anchor_draws": at_least(1), "arch.marginal_head": one_of("pooled", "sum"),
     "train.lr_schedule": one_of("constant", "cosine"), "train.warmup_steps": at_least(0), "train.eval_at_start": Field(bool),
+    "train.ema_decay": Field(float, 0, null=True, below=1.0),
     "eval.gap_examples": at_least(0), "eval.gap_val_examples": at_least(0), "eval.figure_examples": at_least(0),
 }
 TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
@@ -99,6 +102,8 @@ def check_field(key: str, value, field: Field) -> None:
     if field.low is not None and (value < field.low or (field.strict and value == field.low)):
         bound = f"> {field.low}" if field.strict else f">= {field.low}"
         raise ConfigError(f"{key}={value} is out of range: it must be {bound}")
+    if field.below is not None and value >= field.below:
+        raise ConfigError(f"{key}={value} is out of range: it must be < {field.below}")
 
 
 def example(field: Field) -> str:

@@ -9,6 +9,7 @@ An *objective* supplies the per-batch loss; the trainer knows nothing about mode
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -72,6 +73,14 @@ class Trainer:
         self.parameters = [p for p in model.parameters() if p.requires_grad] + self.extra_parameters
         if not self.parameters:
             raise ValueError("the model has no trainable parameters")
+        # train.ema_decay: a moving average of the trained weights; checkpoints' "model" holds it (what eval, generate
+        # and stage 2 load) and "training_weights" the raw ones (what resuming continues from)
+        ema_decay = train_cfg.get("ema_decay")
+        if ema_decay is not None and not 0 <= ema_decay < 1:
+            raise ConfigError(f"train.ema_decay={ema_decay} is out of range: use a value in [0, 1), e.g. 0.99, or null")
+        self.ema_decay = float(ema_decay or 0.0)
+        self.ema = ({name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+                    if self.ema_decay else None)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save(self, path: Path | None = None) -> None:
@@ -79,12 +88,15 @@ class Trainer:
         if not self.dist.is_main:
             return
         state = self.model.state_dict()
-        bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+        weights = {**state, **self.ema} if self.ema is not None else state
+        bad = [name for name, tensor in weights.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+        bad += [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
         bad += [f"extra parameter {i}" for i, p in enumerate(self.extra_parameters) if not torch.isfinite(p).all()]
         if bad:  # never replace the last good checkpoint by broken weights
             raise self.diverged(f"{len(bad)} weight tensor(s) became non-finite (first: {bad[0]})")
+        extra = {"training_weights": state, "ema_decay": self.ema_decay} if self.ema is not None else {}
         save_checkpoint(path or self.checkpoint_path, {
-            **self.meta, "model": state, "optimizer": self.optimizer.state_dict(),
+            **self.meta, "model": weights, **extra, "optimizer": self.optimizer.state_dict(),
             "objective": self.objective.state_dict(), "step": self.step, "epoch": self.epoch,
             "batch_in_epoch": self.batch_in_epoch, "rng": rng_state(), "best_value": self.best_value})
         if path is None:
@@ -129,7 +141,10 @@ class Trainer:
             check_same_data(state.get("dataset") or {}, self.meta["dataset"], path)
         if "arch" in self.meta:
             check_same_arch(state.get("arch") or {}, self.meta["arch"], path)
-        load_model_state(self.model, state["model"], path)
+        load_model_state(self.model, state.get("training_weights", state["model"]), path)
+        if self.ema is not None:  # a run without an average starts its average at the resumed weights
+            for name, tensor in self.ema.items():
+                tensor.copy_(state["model"][name] if "training_weights" in state else dict(self.model.named_parameters())[name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.objective.load_state_dict(state["objective"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
@@ -188,7 +203,37 @@ class Trainer:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.update_ema()
         return norm
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """ema <- d * ema + (1 - d) * weights, with d = min(ema_decay, (1 + step) / (10 + step)) so that the average
+        forgets the initial weights within the first steps (short CPU runs are a few hundred steps)."""
+        if self.ema is None:
+            return
+        decay = min(self.ema_decay, (1 + self.step) / (10 + self.step))
+        for name, parameter in self.model.named_parameters():
+            if name in self.ema:
+                self.ema[name].lerp_(parameter.detach(), 1.0 - decay)
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """The model holds the moving-average weights inside the block (evaluation), its own ones again after it."""
+        if self.ema is None:
+            yield
+            return
+        parameters = dict(self.model.named_parameters())
+        kept = {name: parameters[name].detach().clone() for name in self.ema}
+        with torch.no_grad():
+            for name, tensor in self.ema.items():
+                parameters[name].copy_(tensor)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for name, tensor in kept.items():
+                    parameters[name].copy_(tensor)
 
     def fit(self) -> int:
         self._broadcast_parameters()
@@ -262,7 +307,7 @@ class Trainer:
 
     def run_evaluation(self) -> None:
         self.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self.averaged_weights():
             metrics = self.evaluate(self.step)
         self.model.train()
         if self.logger and metrics:

@@ -28,11 +28,11 @@ class ListLogger:
         self.records.append((step, metrics))
 
 
-def make_trainer(run_dir, max_steps, seed_for_init=0):
+def make_trainer(run_dir, max_steps, seed_for_init=0, ema_decay=None):
     seed_everything(seed_for_init)
     net = Transformer(3, 6, d_model=16, num_layers=1, num_heads=2, mlp_dim=32)
     cfg = OmegaConf.create({"n_epochs": 10, "max_steps": max_steps, "batch_size": 8, "effective_batch": 16, "clip": 1.0,
-                            "log_every": 1, "checkpoint_every": 2})
+                            "log_every": 1, "checkpoint_every": 2, "ema_decay": ema_decay})
     logger = ListLogger()
     trainer = Trainer(train_cfg=cfg, model=net, objective=AOARMObjective(net), optimizer=torch.optim.Adam(net.parameters(), 1e-2),
                       batches=lambda epoch, start: epoch_batches(DATA, 8, epoch, 0, start_batch=start),
@@ -121,3 +121,50 @@ def test_best_checkpoint_follows_the_lowest_evaluation(tmp_path):
     assert resumed.resume() and resumed.best_value == 1.0
     resumed.fit()
     assert load_checkpoint(tmp_path / "checkpoints" / "best.pt")["step"] == 4
+
+
+def test_moving_average_of_the_weights_is_saved_evaluated_and_resumed(tmp_path):
+    """train.ema_decay: checkpoints' "model" is the average d_t * ema + (1 - d_t) * w_t over the weight trajectory
+    (recomputed here from the raw weights after every step), evaluation sees it, and resuming continues both exactly."""
+    decay = 0.7
+    trainer, _ = make_trainer(tmp_path / "straight", max_steps=6, ema_decay=decay)
+    expected = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+    seen_by_evaluation = {}
+
+    def record(step):
+        seen_by_evaluation[step] = {name: p.detach().clone() for name, p in trainer.model.named_parameters()}
+        return {}
+    trainer.cfg.eval_every, trainer.evaluate = 1, record
+    step_of_optimizer = trainer.optimizer_step
+
+    def step_and_track(lr_factor=1.0):
+        norm = step_of_optimizer(lr_factor)
+        d = min(decay, (1 + trainer.step) / (10 + trainer.step))
+        for name, p in trainer.model.named_parameters():
+            expected[name] = d * expected[name] + (1 - d) * p.detach()
+        return norm
+    trainer.optimizer_step = step_and_track
+    trainer.fit()
+    saved = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")
+    raw = dict(trainer.model.named_parameters())
+    for name, value in expected.items():
+        assert torch.allclose(saved["model"][name], value, atol=1e-6)
+        assert torch.allclose(seen_by_evaluation[6][name], value, atol=1e-6)  # evaluation ran on the average
+        assert torch.equal(saved["training_weights"][name], raw[name].detach())  # the model itself kept its own weights
+    assert any(not torch.allclose(saved["model"][n], raw[n]) for n in expected)  # the average differs from the weights
+
+    first, _ = make_trainer(tmp_path / "split", max_steps=4, ema_decay=decay)
+    first.fit()
+    resumed, _ = make_trainer(tmp_path / "split", max_steps=6, seed_for_init=123, ema_decay=decay)
+    assert resumed.resume()
+    resumed.fit()
+    split = load_checkpoint(tmp_path / "split" / "checkpoints" / "last.pt")
+    for name in expected:
+        assert torch.allclose(split["model"][name], saved["model"][name], atol=1e-6)
+        assert torch.allclose(split["training_weights"][name], saved["training_weights"][name], atol=1e-6)
+
+
+def test_moving_average_decay_out_of_range_is_refused(tmp_path):
+    from mamlib.errors import ConfigError
+    with pytest.raises(ConfigError, match="train.ema_decay=1.0 is out of range"):
+        make_trainer(tmp_path, max_steps=1, ema_decay=1.0)

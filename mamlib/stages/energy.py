@@ -62,6 +62,16 @@ def target_log_f(target, x) -> torch.Tensor:
     return target.log_f(x).to(x.device).float()
 
 
+def pseudo_data(target, count: int, device) -> torch.Tensor:
+    """The original's inputs for the squared objective: Ising lattices with iid Bernoulli(sigmoid(2 b)) spins, or random
+    MOSES train strings for molecules."""
+    if hasattr(target, "init_samples"):
+        return target.init_samples(count).to(device)
+    train = target.dataset.train
+    index = torch.randint(len(train), (count,))
+    return torch.stack([train[int(i)] for i in index]).to(device)
+
+
 def standardized(values: torch.Tensor) -> torch.Tensor:
     return (values - values.mean()) / (values.std() + torch.finfo(values.dtype).eps)
 
@@ -81,7 +91,9 @@ class MaMEnergyObjective:
             raise ValueError(f"objective={cfg.objective!r} is unknown for model=MAM; use KL or squared")
 
     def on_epoch_start(self, epoch: int) -> None:
-        # chains re-drawn by ancestral sampling with p_phi, then refreshed by censor-and-resample each step
+        # chains re-drawn by ancestral sampling with p_phi (once with keep_chains), refreshed by censor-and-resample each step
+        if self.cfg.get("keep_chains") and self.samples is not None:
+            return
         self.net.eval()
         self.samples = arm.sample_unconditional(self.net, self.cfg.train.batch_size, device=self.device)
         self.net.train()
@@ -105,8 +117,11 @@ class MaMEnergyObjective:
             consistency, normalizer = self._penalty(self.samples)
             penalty = D * consistency + normalizer
             metrics["kl_estimate"] = (log_p.detach() - self.log_z.detach() - log_f).mean().item()
-        else:  # squared error of f_theta on uniform random configurations, log Z learnable
-            random_x = torch.randint(0, self.net.num_classes, self.samples.shape, device=self.device)
+        else:  # squared error of f_theta on uniform random configurations or pseudo-data, log Z learnable
+            if cfg.get("squared_data", "uniform") == "pseudo":
+                random_x = pseudo_data(self.target, len(self.samples), self.device)
+            else:
+                random_x = torch.randint(0, self.net.num_classes, self.samples.shape, device=self.device)
             f_random = log_marginal(self.net, random_x, torch.ones_like(random_x, dtype=torch.bool)).float()
             fit = 0.5 * (f_random - target_log_f(self.target, random_x)).pow(2).mean()
             consistency_random, _ = self._penalty(random_x)

@@ -343,7 +343,8 @@ def generate(exp: Experiment, dataset) -> dict:
     report = {}
     for name, samples in (("unconditional", unconditional), ("conditional", conditional)):
         log_marginal = model.log_prob(samples, method="marginal", batch_size=batch)
-        log_chain = model.log_prob(samples, method="chain", orders=1, batch_size=batch)  # AO-ARM-S: one random order
+        log_chain = model.log_prob(samples, method="chain", orders=1, batch_size=batch,  # AO-ARM-S: one random order
+                                   steps_per_pass=cfg.eval.steps_per_pass)
         metrics = save_samples(exp, dataset, torch.from_numpy(samples), stem=f"samples_{name}")
         atomic_write(exp.run_dir / f"samples_{name}_loglik.txt", lambda handle, values=np.stack([log_marginal, log_chain], 1): np.savetxt(handle, values,
                      header="MaM_log_marginal AO-ARM-S_chain_rule (nats)"))
