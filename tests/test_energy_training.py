@@ -81,7 +81,7 @@ def test_arm_kl_training_with_piecewise_backward_reaches_the_exact_target(tmp_pa
 VARIANTS = {
     "ARM-MC": (["model=ARM", "logp_mc=true", "arm_order=forward"], (0.24, None), (0.5, None)),
     "MaM logp_mc": (["logp_mc=true"], (0.31, 0.32), (0.6, 0.6)),
-    "MaM squared, uniform x": (["objective=squared"], (0.24, 0.19), (0.5, 0.4)),
+    "MaM squared, uniform x": (["objective=squared", "squared_data=uniform"], (0.24, 0.19), (0.5, 0.4)),
     "MaM squared, pseudo-data": (["objective=squared", "squared_data=pseudo"], (0.13, 0.086), (0.3, 0.2)),
     "MaM KL, kept chains": (["keep_chains=true"], (0.028, 0.0036), (0.08, 0.03)),
 }

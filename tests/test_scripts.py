@@ -164,3 +164,23 @@ def test_multirun_sweep_gives_one_run_dir_per_point(tmp_path):
         lr = next(line.strip() for line in config.splitlines() if line.strip().startswith("lr:"))
         points.add((seed, lr))
     assert len(points) == 4  # every grid point ran once, in its own directory
+
+
+@pytest.mark.slow
+def test_table5_grid_writes_one_table_and_reuses_finished_points(tmp_path):
+    """scripts/table5.py at preset=tiny: one row per (target, tau, model) point, read back from each run's own files; a
+    second call reuses the finished points instead of training them again."""
+    command = [sys.executable, str(ROOT / "scripts" / "table5.py"), "--preset", "tiny", "--models", "MAM", "--targets", "-4",
+               "--taus", "1", "0.1", "--output", str(tmp_path), "logger.mode=disabled"]
+    for attempt in range(2):
+        result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+        assert result.returncode == 0, result.stderr[-4000:]
+        rows = json.loads((tmp_path / "table5.json").read_text())
+        assert [(row["model"], row["target"], row["tau"]) for row in rows] == [("MAM", -4.0, 1.0), ("MAM", -4.0, 0.1)]
+        for row in rows:
+            folder = tmp_path / f"MAM_target-4_tau{row['tau']:g}"
+            generated = json.loads((folder / "generate_metrics.json").read_text())["unconditional"]
+            assert row["validity"] == generated["validity"] and 0 <= row["validity"] <= 1
+            assert row["KL - log Z (paper form)"] == json.loads((folder / "metrics.json").read_text())["table"]["KL - log Z (paper form)"]
+            assert (row["train (s)"] is None) == (attempt == 1)  # trained once, reused the second time
+    assert "| MAM | -4 | 0.1 |" in (tmp_path / "table5.md").read_text()

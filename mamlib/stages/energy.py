@@ -118,7 +118,7 @@ class MaMEnergyObjective:
             penalty = D * consistency + normalizer
             metrics["kl_estimate"] = (log_p.detach() - self.log_z.detach() - log_f).mean().item()
         else:  # squared error of f_theta on uniform random configurations or pseudo-data, log Z learnable
-            if cfg.get("squared_data", "uniform") == "pseudo":
+            if cfg.get("squared_data", "pseudo") == "pseudo":
                 random_x = pseudo_data(self.target, len(self.samples), self.device)
             else:
                 random_x = torch.randint(0, self.net.num_classes, self.samples.shape, device=self.device)

@@ -1,0 +1,77 @@
+"""The paper's Table 5 grid: molecule design for logP targets x temperatures, MaM and the ARM baseline, one table.
+
+    python scripts/table5.py [--preset cpu] [--models MAM ARM] [--targets 4 -4] [--taus 1 0.1] [--output DIR]
+        [-- extra Hydra overrides for every run]
+
+Each point trains `mam/mol_property_eb_main.py` into DIR/<model>_target<t>_tau<tau>/, then runs `mode=evaluate` and
+`mode=generate` there. A point whose generate_metrics.json exists is reused, not retrained (delete its folder to redo
+it), so an interrupted grid continues where it stopped. Writes DIR/table5.md and DIR/table5.json: per point the
+unnormalised KL (the paper's column), mean ± std of the property over the generated samples, validity and uniqueness.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+COLUMNS = ["model", "target", "tau", "KL - log Z (paper form)", "property mean", "property std", "validity", "uniqueness",
+           "train (s)"]
+
+
+def run_point(folder: Path, preset: str, model: str, target: float, tau: float, extra: list[str]) -> dict:
+    """Train, evaluate and generate one grid point (skipping what is done); returns its table row."""
+    common = [sys.executable, "mol_property_eb_main.py", f"preset={preset}", f"model={model}", f"target_value={target}",
+              f"tau={tau}", f"hydra.run.dir={folder}", *extra]
+    seconds = None
+    if not (folder / "generate_metrics.json").exists():
+        start = time.monotonic()
+        overwrite = ["overwrite=true"] if (folder / "checkpoints" / "last.pt").exists() else []  # a run cut off mid-point
+        for mode in (["mode=train", *overwrite], ["mode=evaluate"], ["mode=generate"]):
+            print(f"\n$ (cd mam && {' '.join(common[1:] + mode)})", flush=True)
+            subprocess.run(common + mode, cwd=ROOT / "mam", check=True)
+        seconds = time.monotonic() - start
+    evaluation = json.loads((folder / "metrics.json").read_text())["table"]
+    generation = json.loads((folder / "generate_metrics.json").read_text())["unconditional"]
+    return {"model": model, "target": target, "tau": tau, "KL - log Z (paper form)": evaluation.get("KL - log Z (paper form)"),
+            "property mean": generation["property_mean"], "property std": generation["property_std"],
+            "validity": generation["validity"], "uniqueness": generation["uniqueness"], "train (s)": seconds}
+
+
+def markdown(rows: list[dict]) -> str:
+    cell = lambda value: "" if value is None else (f"{value:.4g}" if isinstance(value, float) else str(value))
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines += ["| " + " | ".join(cell(row[c]) for c in COLUMNS) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="cpu", choices=["paper", "cpu", "tiny"])
+    parser.add_argument("--models", nargs="+", default=["MAM", "ARM"], choices=["MAM", "ARM"])
+    parser.add_argument("--targets", nargs="+", type=float, default=[4.0, -4.0])
+    parser.add_argument("--taus", nargs="+", type=float, default=[1.0, 0.1])
+    parser.add_argument("--output", default=None, help="default: outputs/table5/<preset>")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides for every run (after --)")
+    args = parser.parse_args()
+    if any(tau <= 0 for tau in args.taus):
+        sys.exit("error: every --taus value must be > 0 (log f = -(g(x) - target)^2 / tau)")
+    output = Path(args.output or ROOT / "outputs" / "table5" / args.preset).resolve()
+    output.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for target in args.targets:
+        for tau in args.taus:
+            for model in args.models:
+                folder = output / f"{model}_target{target:g}_tau{tau:g}"
+                rows.append(run_point(folder, args.preset, model, target, tau, args.overrides))
+                (output / "table5.json").write_text(json.dumps(rows, indent=1))  # after every point: nothing is lost
+    table = markdown(rows)
+    (output / "table5.md").write_text(f"# Table 5 grid (preset={args.preset}, logP)\n\n{table}")
+    print(f"\n{table}\nwrote {output / 'table5.md'} and {output / 'table5.json'}")
+
+
+if __name__ == "__main__":
+    main()
