@@ -88,13 +88,14 @@ class Trainer:
         if not self.dist.is_main:
             return
         state = self.model.state_dict()
-        weights = {**state, **self.ema} if self.ema is not None else state
-        bad = [name for name, tensor in weights.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-        bad += [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+        bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+        bad += [f"{name} (moving average)" for name, tensor in (self.ema or {}).items() if not torch.isfinite(tensor).all()]
         bad += [f"extra parameter {i}" for i, p in enumerate(self.extra_parameters) if not torch.isfinite(p).all()]
         if bad:  # never replace the last good checkpoint by broken weights
             raise self.diverged(f"{len(bad)} weight tensor(s) became non-finite (first: {bad[0]})")
-        extra = {"training_weights": state, "ema_decay": self.ema_decay} if self.ema is not None else {}
+        weights, extra = state, {}
+        if self.ema is not None:
+            weights, extra = {**state, **self.ema}, {"training_weights": state, "ema_decay": self.ema_decay}
         save_checkpoint(path or self.checkpoint_path, {
             **self.meta, "model": weights, **extra, "optimizer": self.optimizer.state_dict(),
             "objective": self.objective.state_dict(), "step": self.step, "epoch": self.epoch,
@@ -142,9 +143,9 @@ class Trainer:
         if "arch" in self.meta:
             check_same_arch(state.get("arch") or {}, self.meta["arch"], path)
         load_model_state(self.model, state.get("training_weights", state["model"]), path)
-        if self.ema is not None:  # a run without an average starts its average at the resumed weights
+        if self.ema is not None:  # a checkpoint without an average (no "training_weights") starts it at its weights
             for name, tensor in self.ema.items():
-                tensor.copy_(state["model"][name] if "training_weights" in state else dict(self.model.named_parameters())[name])
+                tensor.copy_(state["model"][name])
         self.optimizer.load_state_dict(state["optimizer"])
         self.objective.load_state_dict(state["objective"])
         self.step, self.epoch, self.batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
