@@ -194,3 +194,28 @@ def censor_and_resample(net, x, num_steps: int, order=None, generator=None) -> t
         order = random_order(batch, dim, device=x.device, generator=generator)
     keep = order < dim - num_steps
     return sample(net, x, keep, order=order, generator=generator)
+
+
+@torch.no_grad()
+def metropolis_censor_and_resample(net, x, num_steps: int, log_target, order=None, generator=None):
+    """Censor-and-resample as a Metropolis-Hastings move that leaves exp(log_target) (unnormalised) invariant.
+
+    The proposal re-draws the last ``num_steps`` positions R of a random order from p_phi(x'_R | x_S); the reverse
+    move re-draws the current values from the same conditionals, so a proposal is accepted with probability
+    min(1, f(x') p_phi(x_R | x_S) / (f(x) p_phi(x'_R | x_S))). The chains then target f whatever the conditionals
+    are; good conditionals only make them accept more often. ``log_target``: (B, D) states -> (B,) log f.
+    Returns (states, (B,) bool accepted).
+    """
+    batch, dim = x.shape
+    if order is None:
+        order = random_order(batch, dim, device=x.device, generator=generator)
+    proposal, log_forward = sample(net, x, order < dim - num_steps, order=order, generator=generator, return_log_prob=True)
+    # log p_phi(x_R | x_S) of the current values along the same order: the num_steps conditionals in one pass
+    step_per_row = torch.arange(dim - num_steps, dim, device=x.device).repeat_interleave(batch)
+    rank_rep = order.repeat(num_steps, 1)
+    log_reverse = position_log_prob(net, x.repeat(num_steps, 1), observed_before(rank_rep, step_per_row),
+                                    index_at(rank_rep, step_per_row)).double().view(num_steps, batch).sum(0)
+    log_ratio = log_target(proposal).double() - log_target(x).double() + log_reverse - log_forward
+    uniform = torch.rand(batch, device=x.device, generator=generator, dtype=torch.float64)
+    accepted = uniform.log() < log_ratio
+    return torch.where(accepted.unsqueeze(1), proposal, x), accepted

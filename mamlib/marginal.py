@@ -39,12 +39,19 @@ def normalized_log_marginal(net, x, observed_mask, log_normalizer: float | None 
     return values[:-1] - values[-1]
 
 
-def self_consistency_terms(net, x, order=None, generator=None) -> dict:
+def self_consistency_terms(net, x, order=None, generator=None, all_values: bool = False,
+                           conditional_grad: bool = True) -> dict:
     """One sampled constraint per row, f(empty), and f on the extended prefix (reused by the anchor term).
 
     With d ~ U{1..D}: residual = f(x_sigma(<d)) + log p_phi(x_sigma(d) | x_sigma(<d)) - f(x_sigma(<=d)).
     Two passes: prefixes with both heads (the conditional term needs logits there), and
     [extended prefixes; empty] with the marginal head only.
+
+    ``all_values``: the constraint is written for every value k of x_sigma(d), not only the row's own, and the
+    squared residuals are averaged with weights p_phi(k | x_sigma(<d)) (no gradient). When x_sigma(d) ~ p_phi this is
+    the conditional expectation of the sampled-value loss (Rao-Blackwellised: same mean, less noise), and the
+    conditional head gets a target for its whole distribution. The second pass then has K * B + 1 rows.
+    ``conditional_grad=False`` stops the gradient into the conditionals: only f is fitted to them.
     """
     batch, dim = x.shape
     if order is None:
@@ -53,12 +60,30 @@ def self_consistency_terms(net, x, order=None, generator=None) -> dict:
     prefix_mask = observed_before(order, step)
     position = index_at(order, step)
     f_prefix, logits = net(x, prefix_mask, need_logits=True, need_marginal=True, positions=position)
-    log_conditional = value_log_prob(logits, x, position)
+    if not conditional_grad:
+        logits = logits.detach()
     empty_x, empty_mask = empty_like_rows(x)
     extended_mask = observed_before(order, step + 1)
-    f_rest = log_marginal(net, torch.cat([x, empty_x]), torch.cat([extended_mask, empty_mask])).float()
-    return {"residual": f_prefix.float() + log_conditional - f_rest[:-1], "f_empty": f_rest[-1],
-            "f_extended": f_rest[:-1], "extended_mask": extended_mask}
+    if not all_values:
+        log_conditional = value_log_prob(logits, x, position)
+        f_rest = log_marginal(net, torch.cat([x, empty_x]), torch.cat([extended_mask, empty_mask])).float()
+        residual = f_prefix.float() + log_conditional - f_rest[:-1]
+        return {"residual": residual, "squared_residual": residual.pow(2), "f_empty": f_rest[-1],
+                "f_extended": f_rest[:-1], "extended_mask": extended_mask}
+    num_classes = logits.shape[-1]
+    rows = torch.arange(batch, device=x.device)
+    x_values = x.repeat(num_classes, 1)
+    x_values[torch.arange(num_classes * batch, device=x.device), position.repeat(num_classes)] = (
+        torch.arange(num_classes, device=x.device).repeat_interleave(batch).to(x.dtype))
+    f_rest = log_marginal(net, torch.cat([x_values, empty_x]),
+                          torch.cat([extended_mask.repeat(num_classes, 1), empty_mask])).float()
+    f_values = f_rest[:-1].view(num_classes, batch).t()  # (B, K): f(x_sigma(<d), x_sigma(d) = k)
+    log_probs = torch.log_softmax(logits.float(), dim=-1)
+    residuals = f_prefix.float().unsqueeze(1) + log_probs - f_values
+    own_value = x[rows, position].long()
+    return {"residual": residuals[rows, own_value],
+            "squared_residual": (log_probs.detach().exp() * residuals.pow(2)).sum(1),
+            "f_empty": f_rest[-1], "f_extended": f_values[rows, own_value], "extended_mask": extended_mask}
 
 
 def self_consistency_residual(net, x, order=None, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -93,7 +118,7 @@ def anchor_target(net, x, observed_mask, generator=None, draws: int = 1) -> torc
 
 
 def self_consistency_loss(net, x, log_z: float | torch.Tensor = 0.0, order=None, generator=None,
-                          anchor_weight: float = 0.0, anchor_draws: int = 1):
+                          anchor_weight: float = 0.0, anchor_draws: int = 1, all_values: bool = False):
     """D * mean(residual^2) + (f(empty) - log_z)^2 [+ anchor_weight * mean((f(S) - f(empty) - anchor)^2) / D].
 
     The anchor term regresses the normalised marginal of the extended prefix S on :func:`anchor_target`; its
@@ -101,8 +126,8 @@ def self_consistency_loss(net, x, log_z: float | torch.Tensor = 0.0, order=None,
     drift. Divided by D so that its scale (whole-set log-probabilities) is comparable with the D-weighted
     per-step consistency term. Returns (loss, parts for logging).
     """
-    terms = self_consistency_terms(net, x, order=order, generator=generator)
-    consistency = terms["residual"].pow(2).mean()
+    terms = self_consistency_terms(net, x, order=order, generator=generator, all_values=all_values)
+    consistency = terms["squared_residual"].mean()
     normalizer = (terms["f_empty"] - log_z).pow(2)
     loss = x.shape[1] * consistency + normalizer
     parts = {"consistency": consistency.item(), "normalizer": normalizer.item(), "log_z_model": terms["f_empty"].item()}

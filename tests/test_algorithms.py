@@ -7,7 +7,8 @@ import torch
 from scipy import stats
 
 from mamlib import arm
-from mamlib.marginal import normalized_log_marginal, self_consistency_loss, self_consistency_residual
+from mamlib.marginal import (normalized_log_marginal, self_consistency_loss, self_consistency_residual,
+                             self_consistency_terms)
 from mamlib.nets import MLPPair, Transformer
 from mamlib.orders import (fixed_order, from_missing_coded, index_at, order_observed_first, random_order,
                            to_missing_coded)
@@ -161,6 +162,32 @@ def test_self_consistency_loss_is_zero_for_exact_marginals():
                           log_joint[[int("".join(map(str, r.tolist())), K) for r in x]], atol=1e-6)
 
 
+def test_all_values_consistency_is_the_expectation_of_the_sampled_one():
+    # consistency_values=all: for each row, sum_k p_phi(k | prefix) * residual(x with x_sigma(d) = k)^2, i.e. the
+    # sampled-value loss averaged over the step's value drawn from the conditionals; zero for exact marginals
+    torch.manual_seed(3)
+    net = MLPPair(K, D, hidden=16, num_layers=2, marginal=True)
+    x = torch.randint(0, K, (12, D))
+    order = random_order(12, D)
+    terms = self_consistency_terms(net, x, order=order, generator=torch.Generator().manual_seed(9), all_values=True)
+    step = torch.randint(0, D, (12,), generator=torch.Generator().manual_seed(9))
+    position = index_at(order, step)
+    probs = arm.conditional_log_probs(net, x, order < step.unsqueeze(1)).exp()[torch.arange(12), position]  # (12, K)
+    expected = torch.zeros(12)
+    for value in range(K):
+        x_value = x.clone()
+        x_value[torch.arange(12), position] = value
+        sampled = self_consistency_terms(net, x_value, order=order, generator=torch.Generator().manual_seed(9))
+        expected += probs[:, value] * sampled["residual"].pow(2)
+        own = x[torch.arange(12), position] == value
+        assert torch.allclose(terms["residual"][own], sampled["residual"][own], atol=1e-5)
+    assert expected.min() > 1e-4  # an untrained pair is inconsistent, so the comparison is not 0 == 0
+    assert torch.allclose(terms["squared_residual"], expected.detach(), rtol=1e-4, atol=1e-6)
+    exact = BruteForceNet(chain_log_joint(D, K, seed=5), D, K)
+    _, parts = self_consistency_loss(exact, x, all_values=True)
+    assert parts["consistency"] < 1e-10
+
+
 def test_self_consistency_loss_is_positive_for_inconsistent_model():
     torch.manual_seed(0)
     net = MLPPair(K, D, hidden=16, num_layers=2, marginal=True)
@@ -168,3 +195,35 @@ def test_self_consistency_loss_is_positive_for_inconsistent_model():
     assert parts["consistency"] > 1e-4
     loss.backward()
     assert net.marginal_mlp.input.weight.grad.abs().sum() > 0
+
+
+def test_metropolis_censor_and_resample_targets_f_whatever_the_conditionals():
+    # 8 states, an arbitrary log f and an untrained conditional MLP as the proposal: after 150 moves the Metropolis
+    # chains' histogram matches f / Z (total variation 0.005 measured with these seeds; 0.04 after 40 moves, still
+    # converging; sampling noise ~0.01 for 6000 chains), while plain censor-and-resample stays at the MLP's own
+    # distribution (0.56 measured).
+    dim, generator = 3, torch.Generator().manual_seed(0)
+    log_f_table = 2.0 * torch.randn(2 ** dim, generator=generator, dtype=torch.float64)
+    weights = 2 ** torch.arange(dim - 1, -1, -1)
+
+    def log_target(x):
+        return log_f_table[(x * weights).sum(1)]
+
+    torch.manual_seed(1)
+    net = MLPPair(2, dim, hidden=16, num_layers=2, marginal=False)
+    target = torch.softmax(log_f_table, 0)
+    start = torch.zeros(6000, dim, dtype=torch.long)
+    metropolis, plain = start.clone(), start.clone()
+    accepted = []
+    for _ in range(150):
+        metropolis, accept = arm.metropolis_censor_and_resample(net, metropolis, 2, log_target, generator=generator)
+        plain = arm.censor_and_resample(net, plain, 2, generator=generator)
+        accepted.append(accept.float().mean().item())
+
+    def total_variation(states):
+        counts = torch.bincount((states * weights).sum(1), minlength=2 ** dim).double()
+        return 0.5 * (counts / counts.sum() - target).abs().sum().item()
+
+    assert total_variation(metropolis) < 0.03
+    assert total_variation(plain) > 0.2  # the check can tell a chain that does not target f
+    assert 0.05 < sum(accepted) / len(accepted) < 0.95  # both accepted and rejected moves were exercised

@@ -84,6 +84,7 @@ VARIANTS = {
     "MaM squared, uniform x": (["objective=squared", "squared_data=uniform"], (0.5, 0.4)),                 # 0.24, 0.19
     "MaM squared, pseudo-data": (["objective=squared", "squared_data=pseudo"], (0.3, 0.2)),                # 0.13, 0.086
     "MaM KL, kept chains": (["keep_chains=true"], (0.08, 0.03)),                                           # 0.028, 0.0036
+    "MaM mcmc_mle": (["objective=mcmc_mle"], (0.1, 0.08)),                                                 # 0.047, 0.038
 }
 
 

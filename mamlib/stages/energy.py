@@ -20,7 +20,7 @@ from ..evaluation import all_assignments, bits_per_dim, enumerated_kl, time_call
 from ..errors import ConfigError
 from ..experiment import Experiment, batched, make_optimizer
 from ..files import save_npy_atomic, write_text_atomic
-from ..marginal import log_marginal, log_normalizer, normalized_log_marginal, self_consistency_residual
+from ..marginal import log_marginal, log_normalizer, normalized_log_marginal, self_consistency_terms
 from ..nets import build_backbone
 from ..orders import fixed_order, random_order
 from ..plots import save_histograms, save_image_grid
@@ -87,25 +87,29 @@ class MaMEnergyObjective:
         init = cfg.log_z_init if cfg.log_z_init is not None else D * math.log(K)  # the original used D ln 2 for any K
         self.log_z = torch.nn.Parameter(torch.tensor(float(init), device=device), requires_grad=cfg.objective == "squared")
         self.samples: torch.Tensor | None = None
-        if cfg.objective not in ("KL", "squared"):
-            raise ValueError(f"objective={cfg.objective!r} is unknown for model=MAM; use KL or squared")
+        if cfg.objective not in ("KL", "squared", "mcmc_mle"):
+            raise ValueError(f"objective={cfg.objective!r} is unknown for model=MAM; use KL, squared or mcmc_mle")
 
     def on_epoch_start(self, epoch: int) -> None:
-        # chains re-drawn by ancestral sampling with p_phi (once with keep_chains), refreshed by censor-and-resample each step
-        if self.cfg.get("keep_chains") and self.samples is not None:
+        # chains re-drawn by ancestral sampling with p_phi (once with keep_chains), refreshed by censor-and-resample each
+        # step; mcmc_mle keeps its Metropolis chains (re-drawing them would restart their convergence to f)
+        if (self.cfg.get("keep_chains") or self.cfg.objective == "mcmc_mle") and self.samples is not None:
             return
         self.net.eval()
         self.samples = arm.sample_unconditional(self.net, self.cfg.train.batch_size, device=self.device)
         self.net.train()
 
-    def _penalty(self, x):
-        residual, f_empty = self_consistency_residual(self.net, x)
-        consistency = residual.pow(2).mean()
-        normalizer = (f_empty - self.log_z).pow(2)
+    def _penalty(self, x, conditional_grad: bool = True):
+        terms = self_consistency_terms(self.net, x, all_values=self.cfg.get("consistency_values", "sampled") == "all",
+                                       conditional_grad=conditional_grad)
+        consistency = terms["squared_residual"].mean()
+        normalizer = (terms["f_empty"] - self.log_z).pow(2)
         return consistency, normalizer
 
     def loss(self, batch):
         cfg, D = self.cfg, self.net.num_positions
+        if cfg.objective == "mcmc_mle":
+            return self._mcmc_mle_loss()
         self.samples = arm.censor_and_resample(self.net, self.samples, cfg.gibbs_steps)
         log_f = target_log_f(self.target, self.samples)
         metrics = {"log_f_mean": log_f.mean().item(), "log_f_std": log_f.std().item()}
@@ -130,6 +134,21 @@ class MaMEnergyObjective:
             penalty = D * consistency + normalizer
         metrics.update(consistency=consistency.item(), normalizer=normalizer.item(), fit=fit.item(), log_z=self.log_z.item())
         return fit + cfg.alpha * penalty, metrics
+
+    def _mcmc_mle_loss(self):
+        """Not the paper's objective: Metropolis-corrected chains targeting f (the conditionals propose), the
+        conditionals fitted to them by maximum likelihood (the AO-ARM loss), and f fitted to the conditionals by
+        self-consistency with no gradient into them (stage 2 on the chains)."""
+        self.samples, accepted = arm.metropolis_censor_and_resample(
+            self.net, self.samples, self.cfg.gibbs_steps, lambda x: target_log_f(self.target, x))
+        fit, _ = arm.aoarm_loss(self.net, self.samples)
+        consistency, normalizer = self._penalty(self.samples, conditional_grad=False)
+        penalty = self.net.num_positions * consistency + normalizer
+        log_f = target_log_f(self.target, self.samples)
+        metrics = {"log_f_mean": log_f.mean().item(), "log_f_std": log_f.std().item(),
+                   "acceptance": accepted.float().mean().item(), "consistency": consistency.item(),
+                   "normalizer": normalizer.item(), "fit": fit.item(), "log_z": self.log_z.item()}
+        return fit + self.cfg.alpha * penalty, metrics
 
     def state_dict(self) -> dict:
         return {"samples": None if self.samples is None else self.samples.cpu(), "log_z": self.log_z.detach().cpu()}

@@ -82,7 +82,8 @@ class MarginalObjective:
             self.samples = arm.censor_and_resample(self.net, self.samples, self.cfg.gibbs_steps)
             x = torch.cat([batch, self.samples])
         loss, parts = self_consistency_loss(self.net, x, log_z=0.0, anchor_weight=self.cfg.anchor_weight,
-                                            anchor_draws=self.cfg.anchor_draws)
+                                            anchor_draws=self.cfg.anchor_draws,
+                                            all_values=self.cfg.get("consistency_values", "sampled") == "all")
         return loss, parts
 
     def state_dict(self) -> dict:
