@@ -197,14 +197,16 @@ def censor_and_resample(net, x, num_steps: int, order=None, generator=None) -> t
 
 
 @torch.no_grad()
-def metropolis_censor_and_resample(net, x, num_steps: int, log_target, order=None, generator=None):
+def metropolis_censor_and_resample(net, x, num_steps: int, log_target, order=None, generator=None,
+                                   current_log_target: torch.Tensor | None = None):
     """Censor-and-resample as a Metropolis-Hastings move that leaves exp(log_target) (unnormalised) invariant.
 
     The proposal re-draws the last ``num_steps`` positions R of a random order from p_phi(x'_R | x_S); the reverse
     move re-draws the current values from the same conditionals, so a proposal is accepted with probability
     min(1, f(x') p_phi(x_R | x_S) / (f(x) p_phi(x'_R | x_S))). The chains then target f whatever the conditionals
-    are; good conditionals only make them accept more often. ``log_target``: (B, D) states -> (B,) log f.
-    Returns (states, (B,) bool accepted).
+    are; good conditionals only make them accept more often. ``log_target``: (B, D) states -> (B,) log f;
+    ``current_log_target``: log f of ``x`` if known (a molecule's reward costs a parse).
+    Returns (states, (B,) bool accepted, (B,) float64 log f of the returned states).
     """
     batch, dim = x.shape
     if order is None:
@@ -215,7 +217,10 @@ def metropolis_censor_and_resample(net, x, num_steps: int, log_target, order=Non
     rank_rep = order.repeat(num_steps, 1)
     log_reverse = position_log_prob(net, x.repeat(num_steps, 1), observed_before(rank_rep, step_per_row),
                                     index_at(rank_rep, step_per_row)).double().view(num_steps, batch).sum(0)
-    log_ratio = log_target(proposal).double() - log_target(x).double() + log_reverse - log_forward
+    log_f_current = log_target(x).double() if current_log_target is None else current_log_target.double()
+    log_f_proposal = log_target(proposal).double()
+    log_ratio = log_f_proposal - log_f_current + log_reverse - log_forward
     uniform = torch.rand(batch, device=x.device, generator=generator, dtype=torch.float64)
     accepted = uniform.log() < log_ratio
-    return torch.where(accepted.unsqueeze(1), proposal, x), accepted
+    return (torch.where(accepted.unsqueeze(1), proposal, x), accepted,
+            torch.where(accepted, log_f_proposal, log_f_current))

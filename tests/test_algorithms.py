@@ -216,7 +216,8 @@ def test_metropolis_censor_and_resample_targets_f_whatever_the_conditionals():
     metropolis, plain = start.clone(), start.clone()
     accepted = []
     for _ in range(150):
-        metropolis, accept = arm.metropolis_censor_and_resample(net, metropolis, 2, log_target, generator=generator)
+        metropolis, accept, log_f = arm.metropolis_censor_and_resample(net, metropolis, 2, log_target, generator=generator)
+        assert torch.equal(log_f, log_target(metropolis))
         plain = arm.censor_and_resample(net, plain, 2, generator=generator)
         accepted.append(accept.float().mean().item())
 

@@ -87,6 +87,7 @@ class MaMEnergyObjective:
         init = cfg.log_z_init if cfg.log_z_init is not None else D * math.log(K)  # the original used D ln 2 for any K
         self.log_z = torch.nn.Parameter(torch.tensor(float(init), device=device), requires_grad=cfg.objective == "squared")
         self.samples: torch.Tensor | None = None
+        self.samples_log_f: torch.Tensor | None = None  # mcmc_mle: log f of the chains, kept between steps
         if cfg.objective not in ("KL", "squared", "mcmc_mle"):
             raise ValueError(f"objective={cfg.objective!r} is unknown for model=MAM; use KL, squared or mcmc_mle")
 
@@ -97,6 +98,7 @@ class MaMEnergyObjective:
             return
         self.net.eval()
         self.samples = arm.sample_unconditional(self.net, self.cfg.train.batch_size, device=self.device)
+        self.samples_log_f = None
         self.net.train()
 
     def _penalty(self, x, conditional_grad: bool = True):
@@ -139,12 +141,15 @@ class MaMEnergyObjective:
         """Not the paper's objective: Metropolis-corrected chains targeting f (the conditionals propose), the
         conditionals fitted to them by maximum likelihood (the AO-ARM loss), and f fitted to the conditionals by
         self-consistency with no gradient into them (stage 2 on the chains)."""
-        self.samples, accepted = arm.metropolis_censor_and_resample(
-            self.net, self.samples, self.cfg.gibbs_steps, lambda x: target_log_f(self.target, x))
+        if self.samples_log_f is None or len(self.samples_log_f) != len(self.samples):
+            self.samples_log_f = target_log_f(self.target, self.samples)
+        self.samples, accepted, self.samples_log_f = arm.metropolis_censor_and_resample(
+            self.net, self.samples, self.cfg.gibbs_steps, lambda x: target_log_f(self.target, x),
+            current_log_target=self.samples_log_f)
         fit, _ = arm.aoarm_loss(self.net, self.samples)
         consistency, normalizer = self._penalty(self.samples, conditional_grad=False)
         penalty = self.net.num_positions * consistency + normalizer
-        log_f = target_log_f(self.target, self.samples)
+        log_f = self.samples_log_f
         metrics = {"log_f_mean": log_f.mean().item(), "log_f_std": log_f.std().item(),
                    "acceptance": accepted.float().mean().item(), "consistency": consistency.item(),
                    "normalizer": normalizer.item(), "fit": fit.item(), "log_z": self.log_z.item()}
