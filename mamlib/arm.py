@@ -53,6 +53,15 @@ def aoarm_loss(net, x, generator: torch.Generator | None = None, order=None, ste
     return per_example.mean(), per_example.detach()
 
 
+def _steps_log_prob(net, x, order, steps: torch.Tensor) -> torch.Tensor:
+    """(len(steps), B) float64 log p(x at step t | x before step t) along ``order``, every step t in one pass."""
+    batch, chunk = x.shape[0], len(steps)
+    step_per_row = steps.repeat_interleave(batch)  # (chunk*B,)
+    rank_rep = order.repeat(chunk, 1)
+    picked = position_log_prob(net, x.repeat(chunk, 1), observed_before(rank_rep, step_per_row), index_at(rank_rep, step_per_row))
+    return picked.double().view(chunk, batch)
+
+
 def _chain_rule_passes(net, x, observed_mask, order, steps_per_pass: int):
     """Yields, per network pass, the (B,) float64 sum of that pass's chain-rule terms (with autograd when enabled)."""
     batch = x.shape[0]
@@ -60,12 +69,8 @@ def _chain_rule_passes(net, x, observed_mask, order, steps_per_pass: int):
     num_steps = int(counts.max().item()) if batch else 0
     for start in range(0, num_steps, steps_per_pass):
         steps = torch.arange(start, min(start + steps_per_pass, num_steps), device=x.device)
-        chunk = len(steps)
-        step_per_row = steps.repeat_interleave(batch)  # (chunk*B,)
-        rank_rep = order.repeat(chunk, 1)
-        picked = position_log_prob(net, x.repeat(chunk, 1), observed_before(rank_rep, step_per_row), index_at(rank_rep, step_per_row))
-        valid = step_per_row < counts.repeat(chunk)
-        yield (picked.double() * valid).view(chunk, batch).sum(0)
+        valid = steps.unsqueeze(1) < counts.unsqueeze(0)  # (chunk, B)
+        yield (_steps_log_prob(net, x, order, steps) * valid).sum(0)
 
 
 def _observed_and_order(x, observed_mask, order):
@@ -213,10 +218,7 @@ def metropolis_censor_and_resample(net, x, num_steps: int, log_target, order=Non
         order = random_order(batch, dim, device=x.device, generator=generator)
     proposal, log_forward = sample(net, x, order < dim - num_steps, order=order, generator=generator, return_log_prob=True)
     # log p_phi(x_R | x_S) of the current values along the same order: the num_steps conditionals in one pass
-    step_per_row = torch.arange(dim - num_steps, dim, device=x.device).repeat_interleave(batch)
-    rank_rep = order.repeat(num_steps, 1)
-    log_reverse = position_log_prob(net, x.repeat(num_steps, 1), observed_before(rank_rep, step_per_row),
-                                    index_at(rank_rep, step_per_row)).double().view(num_steps, batch).sum(0)
+    log_reverse = _steps_log_prob(net, x, order, torch.arange(dim - num_steps, dim, device=x.device)).sum(0)
     log_f_current = log_target(x).double() if current_log_target is None else current_log_target.double()
     log_f_proposal = log_target(proposal).double()
     log_ratio = log_f_proposal - log_f_current + log_reverse - log_forward

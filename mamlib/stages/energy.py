@@ -141,7 +141,7 @@ class MaMEnergyObjective:
         """Not the paper's objective: Metropolis-corrected chains targeting f (the conditionals propose), the
         conditionals fitted to them by maximum likelihood (the AO-ARM loss), and f fitted to the conditionals by
         self-consistency with no gradient into them (stage 2 on the chains)."""
-        if self.samples_log_f is None or len(self.samples_log_f) != len(self.samples):
+        if self.samples_log_f is None:  # fresh chains or a resumed run
             self.samples_log_f = target_log_f(self.target, self.samples)
         self.samples, accepted, self.samples_log_f = arm.metropolis_censor_and_resample(
             self.net, self.samples, self.cfg.gibbs_steps, lambda x: target_log_f(self.target, x),
@@ -160,6 +160,7 @@ class MaMEnergyObjective:
 
     def load_state_dict(self, state: dict) -> None:
         self.samples = None if state["samples"] is None else state["samples"].to(self.device)
+        self.samples_log_f = None
         with torch.no_grad():
             self.log_z.copy_(state["log_z"])
 
