@@ -1,7 +1,8 @@
 """`python -m mamlib.bench` (`make bench`): step times, peak memory and query speed of every path, in one table.
 
 Each case builds its network from the entry scripts' own configs (composed with ``preset=cpu`` or the sizes asked
-for), runs a few warm-up calls, then times ``--repeats`` calls and reports the median. Memory is the process's peak
+for), runs a few warm-up calls, then times ``--repeats`` calls (more for cheap cases, up to ``--min-seconds`` of
+timing) and reports the median. Memory is the process's peak
 resident set (VmHWM) while the case runs, after resetting it (Linux ``/proc/self/clear_refs``); elsewhere the column
 is empty. Writes ``BENCH.md`` and ``bench.json`` to ``--output``. Run it on an idle machine: a second busy process
 slows a 2-thread PyTorch loop several-fold.
@@ -73,8 +74,10 @@ def peak_memory_mib() -> float | None:
 class Timer:
     """Times one case per call and advances the progress bar (one tick per case)."""
 
-    def __init__(self, device, repeats: int, warmup: int, bar=None):
+    def __init__(self, device, repeats: int, warmup: int, bar=None, min_seconds: float = 0.0, max_repeats: int = 200):
         self.device, self.repeats, self.warmup, self.bar = device, repeats, warmup, bar
+        # cheap cases (tens of ms) get more calls, up to min_seconds of timing: their medians over 5 calls moved 2.7x
+        self.min_seconds, self.max_repeats = min_seconds, max_repeats
 
     def __call__(self, fn, label: str = "") -> dict:
         """Median seconds of ``fn()`` and the peak memory of the timed calls."""
@@ -84,7 +87,7 @@ class Timer:
             fn()
         can_reset = peak_memory_reset()
         seconds = []
-        for _ in range(self.repeats):
+        while len(seconds) < self.repeats or (sum(seconds) < self.min_seconds and len(seconds) < self.max_repeats):
             synchronize(self.device)
             start = time.perf_counter()
             fn()
@@ -92,7 +95,8 @@ class Timer:
             seconds.append(time.perf_counter() - start)
         if self.bar is not None:
             self.bar.update(1)
-        return {"median_s": statistics.median(seconds), "peak_mib": peak_memory_mib() if can_reset else None}
+        return {"median_s": statistics.median(seconds), "calls": len(seconds),
+                "peak_mib": peak_memory_mib() if can_reset else None}
 
 
 def train_step(net, loss_fn, parameters, backpropagates: bool = False):
@@ -229,7 +233,7 @@ def ising_cases(sizes: str, device, timer: Timer, sides, batch_override: int | N
 
 # -- report --------------------------------------------------------------------------------------------------------
 
-COLUMNS = ["case", "backbone", "sizes", "D", "batch", "median_s", "ratio", "peak_mib", "note"]
+COLUMNS = ["case", "backbone", "sizes", "D", "batch", "median_s", "calls", "ratio", "peak_mib", "note"]
 
 
 def machine_description(device) -> dict:
@@ -263,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ising-sides", default=",".join(map(str, ISING_SIDES)), help="lattice sides for the Ising cases")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per case (median reported)")
     parser.add_argument("--warmup", type=int, default=1, help="untimed calls before timing")
+    parser.add_argument("--min-seconds", type=float, default=3.0,
+                        help="keep timing a case past --repeats until this much time is spent (at most 200 calls)")
     parser.add_argument("--batch", type=int, default=None, help="override every case's batch size (for a quick check)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: PyTorch's own choice)")
     args = parser.parse_args(argv)
@@ -281,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(size, kind) for size in sizes for kind in ("mle", "ising") if args.only in ("all", kind)]
     cases_per_job = {"mle": len(data_backbones("cpu")) * (3 + len(STEPS_PER_PASS)), "ising": 3 * len(sides)}
     bar = progress(total=sum(cases_per_job[kind] for _, kind in jobs), desc="bench", unit="case")
-    timer = Timer(device, args.repeats, args.warmup, bar)
+    timer = Timer(device, args.repeats, args.warmup, bar, min_seconds=args.min_seconds)
     rows: list[dict] = []
     for size, kind in jobs:
         if kind == "mle":

@@ -40,7 +40,7 @@ def normalized_log_marginal(net, x, observed_mask, log_normalizer: float | None 
 
 
 def self_consistency_terms(net, x, order=None, generator=None, all_values: bool = False,
-                           conditional_grad: bool = True) -> dict:
+                           conditional_grad: bool = True, with_complete: bool = False) -> dict:
     """One sampled constraint per row, f(empty), and f on the extended prefix (reused by the anchor term).
 
     With d ~ U{1..D}: residual = f(x_sigma(<d)) + log p_phi(x_sigma(d) | x_sigma(<d)) - f(x_sigma(<=d)).
@@ -52,6 +52,8 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
     the conditional expectation of the sampled-value loss (Rao-Blackwellised: same mean, less noise), and the
     conditional head gets a target for its whole distribution. The second pass then has K * B + 1 rows.
     ``conditional_grad=False`` stops the gradient into the conditionals: only f is fitted to them.
+    ``with_complete``: also f(x) on the complete rows (key ``f_complete``), in the same marginal pass (one pass fewer
+    for the energy-based KL objective, whose REINFORCE term needs it).
     """
     batch, dim = x.shape
     if order is None:
@@ -64,26 +66,33 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
         logits = logits.detach()
     empty_x, empty_mask = empty_like_rows(x)
     extended_mask = observed_before(order, step + 1)
+    complete_x, complete_mask = (x, torch.ones_like(extended_mask)) if with_complete else (x[:0], extended_mask[:0])
+    tail_x, tail_mask = torch.cat([complete_x, empty_x]), torch.cat([complete_mask, empty_mask])
+    extra = {}
     if not all_values:
         log_conditional = value_log_prob(logits, x, position)
-        f_rest = log_marginal(net, torch.cat([x, empty_x]), torch.cat([extended_mask, empty_mask])).float()
-        residual = f_prefix.float() + log_conditional - f_rest[:-1]
+        f_rest = log_marginal(net, torch.cat([x, tail_x]), torch.cat([extended_mask, tail_mask])).float()
+        if with_complete:
+            extra["f_complete"] = f_rest[batch:-1]
+        residual = f_prefix.float() + log_conditional - f_rest[:batch]
         return {"residual": residual, "squared_residual": residual.pow(2), "f_empty": f_rest[-1],
-                "f_extended": f_rest[:-1], "extended_mask": extended_mask}
+                "f_extended": f_rest[:batch], "extended_mask": extended_mask, **extra}
     num_classes = logits.shape[-1]
     rows = torch.arange(batch, device=x.device)
     x_values = x.repeat(num_classes, 1)
     x_values[torch.arange(num_classes * batch, device=x.device), position.repeat(num_classes)] = (
         torch.arange(num_classes, device=x.device).repeat_interleave(batch).to(x.dtype))
-    f_rest = log_marginal(net, torch.cat([x_values, empty_x]),
-                          torch.cat([extended_mask.repeat(num_classes, 1), empty_mask])).float()
-    f_values = f_rest[:-1].view(num_classes, batch).t()  # (B, K): f(x_sigma(<d), x_sigma(d) = k)
+    f_rest = log_marginal(net, torch.cat([x_values, tail_x]),
+                          torch.cat([extended_mask.repeat(num_classes, 1), tail_mask])).float()
+    if with_complete:
+        extra["f_complete"] = f_rest[num_classes * batch:-1]
+    f_values = f_rest[:num_classes * batch].view(num_classes, batch).t()  # (B, K): f(x_sigma(<d), x_sigma(d) = k)
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     residuals = f_prefix.float().unsqueeze(1) + log_probs - f_values
     own_value = x[rows, position].long()
     return {"residual": residuals[rows, own_value],
             "squared_residual": (log_probs.detach().exp() * residuals.pow(2)).sum(1),
-            "f_empty": f_rest[-1], "f_extended": f_values[rows, own_value], "extended_mask": extended_mask}
+            "f_empty": f_rest[-1], "f_extended": f_values[rows, own_value], "extended_mask": extended_mask, **extra}
 
 
 def self_consistency_residual(net, x, order=None, generator=None) -> tuple[torch.Tensor, torch.Tensor]:

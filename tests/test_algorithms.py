@@ -7,7 +7,7 @@ import torch
 from scipy import stats
 
 from mamlib import arm
-from mamlib.marginal import (normalized_log_marginal, self_consistency_loss, self_consistency_residual,
+from mamlib.marginal import (log_marginal, normalized_log_marginal, self_consistency_loss, self_consistency_residual,
                              self_consistency_terms)
 from mamlib.nets import MLPPair, Transformer
 from mamlib.orders import (fixed_order, from_missing_coded, index_at, order_observed_first, random_order,
@@ -186,6 +186,21 @@ def test_all_values_consistency_is_the_expectation_of_the_sampled_one():
     exact = BruteForceNet(chain_log_joint(D, K, seed=5), D, K)
     _, parts = self_consistency_loss(exact, x, all_values=True)
     assert parts["consistency"] < 1e-10
+
+
+@pytest.mark.parametrize("all_values", [False, True])
+def test_complete_rows_ride_in_the_consistency_pass_without_changing_it(all_values):
+    # with_complete=True appends the complete rows to the marginal pass: f_complete is f(x) and the rest is unchanged
+    torch.manual_seed(4)
+    net = MLPPair(K, D, hidden=16, num_layers=2, marginal=True)
+    x, order = torch.randint(0, K, (10, D)), random_order(10, D)
+    plain = self_consistency_terms(net, x, order=order, generator=torch.Generator().manual_seed(2), all_values=all_values)
+    joined = self_consistency_terms(net, x, order=order, generator=torch.Generator().manual_seed(2), all_values=all_values,
+                                    with_complete=True)
+    assert "f_complete" not in plain
+    assert torch.allclose(joined["f_complete"], log_marginal(net, x, torch.ones_like(x, dtype=torch.bool)), atol=1e-5)
+    for key in ("residual", "squared_residual", "f_empty", "f_extended"):
+        assert torch.allclose(joined[key], plain[key], atol=1e-5), key
 
 
 def test_self_consistency_loss_is_positive_for_inconsistent_model():

@@ -1,21 +1,31 @@
 """`python -m mamlib.bench` writes its two files; timings themselves are never asserted (they are machine figures)."""
 import json
 
+import torch
+
 from mamlib import bench
 
 
 def test_bench_writes_table_and_json(tmp_path):
     code = bench.main(["--only", "ising", "--ising-sides", "2", "--sizes", "cpu", "--batch", "4", "--repeats", "1",
-                       "--warmup", "0", "--output", str(tmp_path)])
+                       "--warmup", "0", "--min-seconds", "0", "--output", str(tmp_path)])
     assert code == 0
     payload = json.loads((tmp_path / "bench.json").read_text())
     cases = [row["case"] for row in payload["rows"]]
     assert cases == ["Ising MaM-KL step", "Ising ARM step (exact log p)", "Ising ARM-MC step (one-step log p)",
                      "Ising ARM / MaM step time"]
-    assert all(row["median_s"] > 0 for row in payload["rows"][:3]) and payload["rows"][3]["ratio"] > 0
+    assert all(row["median_s"] > 0 and row["calls"] == 1 for row in payload["rows"][:3]) and payload["rows"][3]["ratio"] > 0
     assert "| Ising MaM-KL step |" in (tmp_path / "BENCH.md").read_text()
 
 
 def test_bench_rejects_unknown_sizes(tmp_path, capsys):
     assert bench.main(["--sizes", "huge", "--output", str(tmp_path)]) == 2
     assert "--sizes huge is unknown" in capsys.readouterr().err
+
+
+def test_timer_repeats_cheap_cases_up_to_its_time_budget():
+    calls = []
+    once = lambda: calls.append(1)
+    assert bench.Timer(torch.device("cpu"), repeats=3, warmup=0)(once)["calls"] == 3 and len(calls) == 3  # no budget: --repeats
+    # a budget that is never reached stops at max_repeats
+    assert bench.Timer(torch.device("cpu"), repeats=3, warmup=0, min_seconds=1e9, max_repeats=7)(once)["calls"] == 7

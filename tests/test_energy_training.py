@@ -56,7 +56,7 @@ def test_mam_kl_training_reaches_the_exact_target(tmp_path):
     untrained, net = train_on_3x3(tmp_path, ["train.max_steps=600"], marginal=True)
     kl_marginal, kl_chain = marginal_kl(net), chain_kl(net)
     kl_marginal_0, kl_chain_0 = marginal_kl(untrained), chain_kl(untrained)
-    # measured after 600 steps: 0.004 nats (marginal network, trained by REINFORCE) and 0.028 (conditionals, which learn
+    # measured after 600 steps: 0.004 nats (marginal network, trained by REINFORCE) and 0.032 (conditionals, which learn
     # only through the self-consistency penalty); untrained conditionals are at ~1.0. Thresholds ~3-8x the measured values.
     assert kl_marginal < 0.03, (kl_marginal, kl_marginal_0)
     assert kl_chain < 0.08, (kl_chain, kl_chain_0)
@@ -80,7 +80,7 @@ def test_arm_kl_training_with_piecewise_backward_reaches_the_exact_target(tmp_pa
 # 0.90. A gradient of the wrong sign or scale leaves the KL near its untrained value.
 VARIANTS = {
     "ARM-MC": (["model=ARM", "logp_mc=true", "arm_order=forward"], (0.5, None)),                         # 0.24
-    "MaM logp_mc": (["logp_mc=true"], (0.6, 0.6)),                                                         # 0.31, 0.32
+    "MaM logp_mc": (["logp_mc=true"], (0.6, 0.6)),                                                         # 0.34, 0.34
     "MaM squared, uniform x": (["objective=squared", "squared_data=uniform"], (0.5, 0.4)),                 # 0.24, 0.19
     "MaM squared, pseudo-data": (["objective=squared", "squared_data=pseudo"], (0.3, 0.2)),                # 0.13, 0.086
     "MaM KL, kept chains": (["keep_chains=true"], (0.08, 0.03)),                                           # 0.028, 0.0036

@@ -101,12 +101,13 @@ class MaMEnergyObjective:
         self.samples_log_f = None
         self.net.train()
 
-    def _penalty(self, x, conditional_grad: bool = True):
+    def _penalty(self, x, conditional_grad: bool = True, with_complete: bool = False):
+        """(mean squared self-consistency residual, (f(empty) - log Z)^2[, f(x) from the same pass])."""
         terms = self_consistency_terms(self.net, x, all_values=self.cfg.get("consistency_values", "sampled") == "all",
-                                       conditional_grad=conditional_grad)
+                                       conditional_grad=conditional_grad, with_complete=with_complete)
         consistency = terms["squared_residual"].mean()
         normalizer = (terms["f_empty"] - self.log_z).pow(2)
-        return consistency, normalizer
+        return (consistency, normalizer, terms["f_complete"]) if with_complete else (consistency, normalizer)
 
     def loss(self, batch):
         cfg, D = self.cfg, self.net.num_positions
@@ -116,11 +117,10 @@ class MaMEnergyObjective:
         log_f = target_log_f(self.target, self.samples)
         metrics = {"log_f_mean": log_f.mean().item(), "log_f_std": log_f.std().item()}
         if cfg.objective == "KL":
-            log_p = log_marginal(self.net, self.samples, torch.ones_like(self.samples, dtype=torch.bool)).float()
+            consistency, normalizer, log_p = self._penalty(self.samples, with_complete=True)  # f(x) rides in its pass
             weight = standardized(log_p.detach() - self.log_z.detach() - log_f)
             surrogate = arm.one_step_mean_log_prob(self.net, self.samples) if cfg.logp_mc else log_p
             fit = (weight * surrogate).mean()
-            consistency, normalizer = self._penalty(self.samples)
             penalty = D * consistency + normalizer
             metrics["kl_estimate"] = (log_p.detach() - self.log_z.detach() - log_f).mean().item()
         else:  # squared error of f_theta on uniform random configurations or pseudo-data, log Z learnable
