@@ -1,4 +1,6 @@
 """Short MaM-KL and ARM-KL runs on a 3x3 Ising lattice, checked against the exact target (512 states)."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 from omegaconf import OmegaConf
@@ -11,6 +13,8 @@ from mamlib.marginal import log_marginal
 from mamlib.nets import build_backbone
 from mamlib.orders import fixed_order
 from mamlib.stages import energy
+
+from exact import BruteForceNet, all_states, chain_log_joint
 
 ISING = IsingModel(3, sigma=0.1, bias=0.2)
 COMMON = ["ising_model.dim=3", "arch.hidden=64", "arch.num_layers=2", "logger.mode=disabled", "train.batch_size=256",
@@ -98,3 +102,16 @@ def test_energy_training_variants_reach_the_exact_target(tmp_path, name):
     assert chain_kl(untrained) > 1.5 * chain_limit  # the threshold is well below where training starts
     if marginal:
         assert marginal_kl(net) < marginal_limit, (marginal_kl(net), marginal_kl(untrained))
+
+
+def test_conditional_nll_of_the_chains_is_their_exact_negative_log_likelihood():
+    # generate's chains-vs-samples diagnostic: with exact conditionals every order gives -log p(x), so the means are exact
+    D, K = 4, 3
+    log_joint = chain_log_joint(D, K, seed=1)
+    states = all_states(D, K)
+    chains, samples = states[:7], states[20:40]
+    exp = SimpleNamespace(cfg=OmegaConf.create({"eval": {"steps_per_pass": 2}}), device=torch.device("cpu"))
+    result = energy.conditional_nll(exp, BruteForceNet(log_joint, D, K), chains, samples)
+    index = lambda rows: [int("".join(map(str, row.tolist())), K) for row in rows]
+    assert result["conditional_nll_chains"] == pytest.approx(-log_joint[index(chains)].mean().item(), abs=1e-5)
+    assert result["conditional_nll_samples"] == pytest.approx(-log_joint[index(samples[:7])].mean().item(), abs=1e-5)

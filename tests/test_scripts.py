@@ -146,6 +146,11 @@ def test_molecule_energy_based(model, tmp_path):
     assert (tmp_path / "samples_smiles.txt").is_file()
     if model == "MAM":
         assert "conditional" in report and (tmp_path / "conditional_smiles.txt").is_file()
+        chains = report["training_chains"]  # the run's persistent chains beside the model's own samples
+        assert chains["num_chains"] > 0 and 0 <= chains["validity"] <= 1 and (tmp_path / "chains_smiles.txt").is_file()
+        assert np.isfinite(chains["conditional_nll_chains"]) and np.isfinite(chains["conditional_nll_samples"])
+    else:
+        assert "training_chains" not in report  # the ARM baseline keeps none
 
 
 def test_multirun_sweep_gives_one_run_dir_per_point(tmp_path):

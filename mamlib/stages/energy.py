@@ -26,7 +26,9 @@ from ..orders import fixed_order, random_order
 from ..plots import save_histograms, save_image_grid
 from ..runtime import maybe_compile, synchronize
 from ..trainer import Trainer
-from .common import checkpoint_meta, export, load_model, run_modes, score_file, validity_uniqueness, write_moses_metrics
+from ..checkpoint import load_checkpoint
+from .common import (checkpoint_meta, export, load_model, resolve_checkpoint, run_modes, score_file, validity_uniqueness,
+                     write_moses_metrics)
 
 log = logging.getLogger("mamlib")
 KIND = "energy"
@@ -409,6 +411,10 @@ def generate(exp: Experiment, target, info) -> dict:
     samples = draw_samples(exp, model, cfg.generate.num_samples)
     save_npy_atomic(exp.run_dir / "samples.npy", samples.numpy())
     report = {"unconditional": plot_samples(exp, target, samples, "samples"), "num_samples": len(samples)}
+    chains = training_chains(exp)
+    if chains is not None and model.order is None:
+        report["training_chains"] = {**plot_samples(exp, target, chains, "chains"), "num_chains": len(chains),
+                                     **conditional_nll(exp, model.net, chains, samples)}
     if cfg.target == "molecule" and cfg.generate.molecule:
         report.update(conditional_molecules(exp, target, model))
     exp.write_json("generate_metrics.json", report)
@@ -416,6 +422,22 @@ def generate(exp: Experiment, target, info) -> dict:
     if cfg.target == "molecule":
         write_moses_metrics(exp, exp.run_dir / "samples_smiles.txt")
     return report
+
+
+def training_chains(exp: Experiment) -> torch.Tensor | None:
+    """The persistent chains a MaM run keeps in its checkpoint (None for ARM runs and exported folders)."""
+    path = resolve_checkpoint(exp)
+    if not path.is_file():
+        return None
+    return (load_checkpoint(path).get("objective") or {}).get("samples")
+
+
+def conditional_nll(exp: Experiment, net, chains: torch.Tensor, samples: torch.Tensor) -> dict:
+    """Mean -log p_phi (chain rule, one random order per row) of the training chains and of as many model samples: a
+    model that has fitted its chains gives them about the NLL of its own samples; far less means its mass is elsewhere."""
+    steps = exp.cfg.eval.steps_per_pass
+    nll = lambda x: -arm.chain_rule_log_prob(net, x.to(exp.device), steps_per_pass=steps).double().mean().item()
+    return {"conditional_nll_chains": nll(chains), "conditional_nll_samples": nll(samples[:len(chains)])}
 
 
 def conditional_molecules(exp: Experiment, target, model) -> dict:
