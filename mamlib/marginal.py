@@ -45,7 +45,7 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
 
     With d ~ U{1..D}: residual = f(x_sigma(<d)) + log p_phi(x_sigma(d) | x_sigma(<d)) - f(x_sigma(<=d)).
     Two passes: prefixes with both heads (the conditional term needs logits there), and
-    [extended prefixes; empty] with the marginal head only.
+    [extended prefixes; complete rows if ``with_complete``; empty] with the marginal head only.
 
     ``all_values``: the constraint is written for every value k of x_sigma(d), not only the row's own, and the
     squared residuals are averaged with weights p_phi(k | x_sigma(<d)) (no gradient). When x_sigma(d) ~ p_phi this is

@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from .. import arm
+from ..checkpoint import load_checkpoint
 from ..evaluation import all_assignments, bits_per_dim, enumerated_kl, time_callable, write_report
 from ..errors import ConfigError
 from ..experiment import Experiment, batched, make_optimizer
@@ -26,7 +27,6 @@ from ..orders import fixed_order, random_order
 from ..plots import save_histograms, save_image_grid
 from ..runtime import maybe_compile, synchronize
 from ..trainer import Trainer
-from ..checkpoint import load_checkpoint
 from .common import (checkpoint_meta, export, load_model, resolve_checkpoint, run_modes, score_file, validity_uniqueness,
                      write_moses_metrics)
 
