@@ -50,7 +50,8 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
     ``all_values``: the constraint is written for every value k of x_sigma(d), not only the row's own, and the
     squared residuals are averaged with weights p_phi(k | x_sigma(<d)) (no gradient). When x_sigma(d) ~ p_phi this is
     the conditional expectation of the sampled-value loss (Rao-Blackwellised: same mean, less noise), and the
-    conditional head gets a target for its whole distribution. The second pass then has K * B + 1 rows.
+    conditional head gets a target for its whole distribution. The second pass then has K * B + 1 rows
+    (+ B with ``with_complete``).
     ``conditional_grad=False`` stops the gradient into the conditionals: only f is fitted to them.
     ``with_complete``: also f(x) on the complete rows (key ``f_complete``), in the same marginal pass (one pass fewer
     for the energy-based KL objective, whose REINFORCE term needs it).

@@ -199,6 +199,8 @@ def test_complete_rows_ride_in_the_consistency_pass_without_changing_it(all_valu
                                     with_complete=True)
     assert "f_complete" not in plain
     assert torch.allclose(joined["f_complete"], log_marginal(net, x, torch.ones_like(x, dtype=torch.bool)), atol=1e-5)
+    joined["f_complete"].sum().backward()  # the REINFORCE term's gradient reaches the marginal network through it
+    assert net.marginal_mlp.input.weight.grad.abs().sum() > 0
     for key in ("residual", "squared_residual", "f_empty", "f_extended"):
         assert torch.allclose(joined[key], plain[key], atol=1e-5), key
 

@@ -1,5 +1,6 @@
 """`python -m mamlib.bench` writes its two files; timings themselves are never asserted (they are machine figures)."""
 import json
+import time
 
 import torch
 
@@ -29,3 +30,6 @@ def test_timer_repeats_cheap_cases_up_to_its_time_budget():
     assert bench.Timer(torch.device("cpu"), repeats=3, warmup=0)(once)["calls"] == 3 and len(calls) == 3  # no budget: --repeats
     # a budget that is never reached stops at max_repeats
     assert bench.Timer(torch.device("cpu"), repeats=3, warmup=0, min_seconds=1e9, max_repeats=7)(once)["calls"] == 7
+    # a reached budget stops it: each call takes >= 10 ms, so 50 ms are spent after at most 5 calls
+    nap = lambda: time.sleep(0.01)
+    assert 1 <= bench.Timer(torch.device("cpu"), repeats=1, warmup=0, min_seconds=0.05, max_repeats=1000)(nap)["calls"] <= 5

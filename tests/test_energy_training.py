@@ -6,6 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mamlib import arm
+from mamlib.api import Model
 from mamlib.checkpoint import load_checkpoint
 from mamlib.cli import compose_config
 from mamlib.energy.ising import IsingModel
@@ -110,8 +111,10 @@ def test_conditional_nll_of_the_chains_is_their_exact_negative_log_likelihood():
     log_joint = chain_log_joint(D, K, seed=1)
     states = all_states(D, K)
     chains, samples = states[:7], states[20:40]
-    exp = SimpleNamespace(cfg=OmegaConf.create({"eval": {"steps_per_pass": 2}}), device=torch.device("cpu"))
-    result = energy.conditional_nll(exp, BruteForceNet(log_joint, D, K), chains, samples)
+    exp = SimpleNamespace(cfg=OmegaConf.create({"seed": 0, "eval": {"steps_per_pass": 2, "batch_size": 3}}))
+    model = Model(BruteForceNet(log_joint, D, K), {"name": "chain", "K": K, "D": D}, "energy", {}, has_marginal=True)
+    result = energy.conditional_nll(exp, model, chains, samples)
     index = lambda rows: [int("".join(map(str, row.tolist())), K) for row in rows]
+    assert result["nll_rows"] == 7
     assert result["conditional_nll_chains"] == pytest.approx(-log_joint[index(chains)].mean().item(), abs=1e-5)
     assert result["conditional_nll_samples"] == pytest.approx(-log_joint[index(samples[:7])].mean().item(), abs=1e-5)

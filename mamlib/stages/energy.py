@@ -411,10 +411,10 @@ def generate(exp: Experiment, target, info) -> dict:
     samples = draw_samples(exp, model, cfg.generate.num_samples)
     save_npy_atomic(exp.run_dir / "samples.npy", samples.numpy())
     report = {"unconditional": plot_samples(exp, target, samples, "samples"), "num_samples": len(samples)}
-    chains = training_chains(exp)
-    if chains is not None and model.order is None:
-        report["training_chains"] = {**plot_samples(exp, target, chains, "chains"), "num_chains": len(chains),
-                                     **conditional_nll(exp, model.net, chains, samples)}
+    chains = metropolis_chains(exp)
+    if chains is not None:  # what the conditionals were fitted to, beside what they generate
+        report["metropolis_chains"] = {**plot_samples(exp, target, chains, "chains"), "num_chains": len(chains),
+                                       **conditional_nll(exp, model, chains, samples)}
     if cfg.target == "molecule" and cfg.generate.molecule:
         report.update(conditional_molecules(exp, target, model))
     exp.write_json("generate_metrics.json", report)
@@ -424,20 +424,22 @@ def generate(exp: Experiment, target, info) -> dict:
     return report
 
 
-def training_chains(exp: Experiment) -> torch.Tensor | None:
-    """The persistent chains a MaM run keeps in its checkpoint (None for ARM runs and exported folders)."""
-    path = resolve_checkpoint(exp)
-    if not path.is_file():
+def metropolis_chains(exp: Experiment) -> torch.Tensor | None:
+    """The chains an ``objective=mcmc_mle`` run keeps in its checkpoint (Metropolis-corrected, so they follow f / Z);
+    None for other runs, whose chains are p_phi's own samples."""
+    payload = load_checkpoint(resolve_checkpoint(exp))
+    if (payload.get("config") or {}).get("objective") != "mcmc_mle":
         return None
-    return (load_checkpoint(path).get("objective") or {}).get("samples")
+    return (payload.get("objective") or {}).get("samples")
 
 
-def conditional_nll(exp: Experiment, net, chains: torch.Tensor, samples: torch.Tensor) -> dict:
-    """Mean -log p_phi (chain rule, one random order per row) of the training chains and of as many model samples: a
+def conditional_nll(exp: Experiment, model, chains: torch.Tensor, samples: torch.Tensor) -> dict:
+    """Mean -log p_phi (chain rule, one seeded random order per row) of the chains and of as many model samples: a
     model that has fitted its chains gives them about the NLL of its own samples; far less means its mass is elsewhere."""
-    steps = exp.cfg.eval.steps_per_pass
-    nll = lambda x: -arm.chain_rule_log_prob(net, x.to(exp.device), steps_per_pass=steps).double().mean().item()
-    return {"conditional_nll_chains": nll(chains), "conditional_nll_samples": nll(samples[:len(chains)])}
+    count = min(len(chains), len(samples))
+    nll = lambda x: -float(model.log_prob(x[:count].numpy(), method="chain", batch_size=exp.cfg.eval.batch_size,
+                                          seed=exp.cfg.seed, steps_per_pass=exp.cfg.eval.steps_per_pass).mean())
+    return {"conditional_nll_chains": nll(chains), "conditional_nll_samples": nll(samples), "nll_rows": count}
 
 
 def conditional_molecules(exp: Experiment, target, model) -> dict:
