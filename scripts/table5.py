@@ -5,7 +5,7 @@
 
 Each point trains `mam/mol_property_eb_main.py` into DIR/<model>_target<t>_tau<tau>/, then runs `mode=evaluate` and
 `mode=generate` there. A point whose generate_metrics.json exists is reused, not retrained (delete its folder to redo
-it), so an interrupted grid continues where it stopped; the point that was cut off is trained again from the start
+it; one run with other overrides is refused), so an interrupted grid continues where it stopped; the point that was cut off is trained again from the start
 (overwrite=true), so that every point gets the same budget. Writes DIR/table5.md and DIR/table5.json: per point the
 unnormalised KL (the paper's column), mean ± std of the property over the generated samples, validity and uniqueness.
 """
@@ -28,7 +28,9 @@ def run_point(folder: Path, preset: str, model: str, target: float, tau: float, 
     common = [sys.executable, "mol_property_eb_main.py", f"preset={preset}", f"model={model}", f"target_value={target}",
               f"tau={tau}", f"hydra.run.dir={folder}", *extra]
     seconds = None
-    if not (folder / "generate_metrics.json").exists():
+    if (folder / "generate_metrics.json").exists():
+        check_same_overrides(folder, common[2:])
+    else:
         start = time.monotonic()
         overwrite = ["overwrite=true"] if (folder / "checkpoints" / "last.pt").exists() else []  # a run cut off mid-point
         for mode in (["mode=train", *overwrite], ["mode=evaluate"], ["mode=generate"]):
@@ -40,6 +42,21 @@ def run_point(folder: Path, preset: str, model: str, target: float, tau: float, 
     return {"model": model, "target": target, "tau": tau, "KL - log Z (paper form)": evaluation.get("KL - log Z (paper form)"),
             "property mean": generation["property_mean"], "property std": generation["property_std"],
             "validity": generation["validity"], "uniqueness": generation["uniqueness"], "train (s)": seconds}
+
+
+def check_same_overrides(folder: Path, expected: list[str]) -> None:
+    """Refuse to reuse a finished point that was run with other settings (Hydra records each run's overrides)."""
+    import yaml
+
+    recorded = folder / ".hydra" / "overrides.yaml"
+    if not recorded.exists():
+        return
+    ignored = ("mode=", "overwrite=", "hydra.")  # Hydra keeps its own (hydra.run.dir) apart
+    used = {item for item in yaml.safe_load(recorded.read_text()) or [] if not item.startswith(ignored)}
+    wanted = {item for item in expected if not item.startswith(ignored)}
+    if used != wanted:
+        sys.exit(f"error: {folder} holds a point run with other overrides ({' '.join(sorted(used ^ wanted))} differ); "
+                 "delete that folder or choose another --output")
 
 
 def markdown(rows: list[dict]) -> str:
@@ -70,7 +87,8 @@ def main() -> None:
                 rows.append(run_point(folder, args.preset, model, target, tau, args.overrides))
                 (output / "table5.json").write_text(json.dumps(rows, indent=1))  # after every point: nothing is lost
     table = markdown(rows)
-    (output / "table5.md").write_text(f"# Table 5 grid (preset={args.preset}, logP)\n\n{table}")
+    settings = f"\n\nOverrides of every run: `{' '.join(args.overrides)}`" if args.overrides else ""
+    (output / "table5.md").write_text(f"# Table 5 grid (preset={args.preset}, logP){settings}\n\n{table}")
     print(f"\n{table}\nwrote {output / 'table5.md'} and {output / 'table5.json'}")
 
 

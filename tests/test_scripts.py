@@ -192,3 +192,6 @@ def test_table5_grid_writes_one_table_and_reuses_finished_points(tmp_path):
             assert row["KL - log Z (paper form)"] == json.loads((folder / "metrics.json").read_text())["table"]["KL - log Z (paper form)"]
             assert (row["train (s)"] is None) == (attempt == 1)  # trained once, reused the second time
     assert "| MAM | -4 | 0.1 |" in (tmp_path / "table5.md").read_text()
+    # a finished point is not reused for other settings
+    result = subprocess.run(command + ["alpha=3"], capture_output=True, text=True, timeout=900)
+    assert result.returncode != 0 and "holds a point run with other overrides (alpha=3 differ)" in result.stderr
