@@ -70,7 +70,7 @@ FIELDS: dict[str, Field] = {
     "dataset.K": at_least(2), "dataset.seq_len": at_least(1), "dataset.max_chars": at_least(1, null=True),
     "dataset.val_fraction": at_least(0, float), "dataset.test_fraction": at_least(0, float),
     "load_pretrain": Field(bool), "loadpath_pretrain": Field(str, null=True), "freeze_conditional": Field(bool),
-    "include_onpolicy": Field(bool), "onpolicy_init": one_of("samples", "data"), "gibbs_steps": at_least(1),
+    "include_onpolicy": Field(bool), "onpolicy_init": one_of("samples", "data"), "gibbs_steps": at_least(1), "chain_buffer": at_least(0),
     "model": one_of("MAM", "ARM"), "objective": one_of("KL", "squared", "mcmc_mle"), "keep_chains": Field(bool),
     "squared_data": one_of("uniform", "pseudo"), "logp_mc": Field(bool), "alpha": at_least(0, float),
     "zlr": positive(float), "arm_order": one_of("forward", "backward"), "steps_per_epoch": at_least(1),

@@ -118,3 +118,24 @@ def test_conditional_nll_of_the_chains_is_their_exact_negative_log_likelihood():
     assert result["nll_rows"] == 7
     assert result["conditional_nll_chains"] == pytest.approx(-log_joint[index(chains)].mean().item(), abs=1e-5)
     assert result["conditional_nll_samples"] == pytest.approx(-log_joint[index(samples[:7])].mean().item(), abs=1e-5)
+
+
+def test_chain_buffer_keeps_the_newest_states_and_fits_a_draw_from_them():
+    # objective=mcmc_mle chain_buffer=N: the conditionals are fitted to rows drawn from the last N chain states
+    cfg = compose_config("ising_eb", ["ising_model.dim=3", "objective=mcmc_mle", "chain_buffer=6"])
+    objective = energy.MaMEnergyObjective(build_backbone(cfg.arch, 2, 9, marginal=True), ISING, cfg, torch.device("cpu"))
+    first, second = torch.arange(36).view(4, 9), 100 + torch.arange(36).view(4, 9)  # distinct rows (never evaluated)
+    within = lambda rows, pool: all(any(torch.equal(row, kept) for kept in pool) for row in rows)
+    objective.samples = first
+    assert within(objective._fit_rows(), first)  # only the current chains so far
+    objective.samples = second
+    fitted = objective._fit_rows()
+    assert torch.equal(objective.chain_history, torch.cat([second, first[:2]]))  # newest first, cut at 6
+    assert len(fitted) == 4 and within(fitted, objective.chain_history)
+    restored = energy.MaMEnergyObjective(objective.net, ISING, cfg, torch.device("cpu"))
+    restored.load_state_dict(objective.state_dict())  # a resumed run continues with the same history
+    assert torch.equal(restored.chain_history, objective.chain_history)
+    cfg.chain_buffer = 0
+    plain = energy.MaMEnergyObjective(objective.net, ISING, cfg, torch.device("cpu"))
+    plain.samples = second
+    assert plain._fit_rows() is second and plain.chain_history is None

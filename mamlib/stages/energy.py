@@ -90,6 +90,7 @@ class MaMEnergyObjective:
         self.log_z = torch.nn.Parameter(torch.tensor(float(init), device=device), requires_grad=cfg.objective == "squared")
         self.samples: torch.Tensor | None = None
         self.samples_log_f: torch.Tensor | None = None  # mcmc_mle: log f of the chains, kept between steps
+        self.chain_history: torch.Tensor | None = None  # mcmc_mle with chain_buffer > 0: recent chain states, newest first
         if cfg.objective not in ("KL", "squared", "mcmc_mle"):
             raise ValueError(f"objective={cfg.objective!r} is unknown for model=MAM; use KL, squared or mcmc_mle")
 
@@ -148,8 +149,9 @@ class MaMEnergyObjective:
         self.samples, accepted, self.samples_log_f = arm.metropolis_censor_and_resample(
             self.net, self.samples, self.cfg.gibbs_steps, lambda x: target_log_f(self.target, x),
             current_log_target=self.samples_log_f)
-        fit, _ = arm.aoarm_loss(self.net, self.samples)
-        consistency, normalizer = self._penalty(self.samples, conditional_grad=False)
+        fitted = self._fit_rows()
+        fit, _ = arm.aoarm_loss(self.net, fitted)
+        consistency, normalizer = self._penalty(fitted, conditional_grad=False)
         penalty = self.net.num_positions * consistency + normalizer
         log_f = self.samples_log_f
         metrics = {"log_f_mean": log_f.mean().item(), "log_f_std": log_f.std().item(),
@@ -157,12 +159,27 @@ class MaMEnergyObjective:
                    "normalizer": normalizer.item(), "fit": fit.item(), "log_z": self.log_z.item()}
         return fit + self.cfg.alpha * penalty, metrics
 
+    def _fit_rows(self) -> torch.Tensor:
+        """The rows the conditionals are fitted to: the chains, or (chain_buffer = N > 0) a uniform draw from their last
+        N states, so that successive steps see less correlated data."""
+        size = int(self.cfg.get("chain_buffer") or 0)
+        if size == 0:
+            return self.samples
+        history = self.samples if self.chain_history is None else torch.cat([self.samples, self.chain_history])
+        self.chain_history = history[:size]
+        return self.chain_history[torch.randint(len(self.chain_history), (len(self.samples),), device=self.device)]
+
     def state_dict(self) -> dict:
-        return {"samples": None if self.samples is None else self.samples.cpu(), "log_z": self.log_z.detach().cpu()}
+        state = {"samples": None if self.samples is None else self.samples.cpu(), "log_z": self.log_z.detach().cpu()}
+        if self.chain_history is not None:
+            state["chain_history"] = self.chain_history.cpu()
+        return state
 
     def load_state_dict(self, state: dict) -> None:
         self.samples = None if state["samples"] is None else state["samples"].to(self.device)
         self.samples_log_f = None
+        history = state.get("chain_history")
+        self.chain_history = None if history is None else history.to(self.device)
         with torch.no_grad():
             self.log_z.copy_(state["log_z"])
 
