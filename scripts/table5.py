@@ -7,7 +7,8 @@ Each point trains `mam/mol_property_eb_main.py` into DIR/<model>_target<t>_tau<t
 `mode=generate` there. A point whose generate_metrics.json exists is reused, not retrained (delete its folder to redo
 it; one run with other overrides is refused), so an interrupted grid continues where it stopped; the point that was cut off is trained again from the start
 (overwrite=true), so that every point gets the same budget. Writes DIR/table5.md and DIR/table5.json: per point the
-unnormalised KL (the paper's column), mean ± std of the property over the generated samples, validity and uniqueness.
+steps trained, the unnormalised KL (the paper's column), mean ± std of the property over the generated samples,
+validity and uniqueness.
 """
 from __future__ import annotations
 
@@ -19,8 +20,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-COLUMNS = ["model", "target", "tau", "KL - log Z (paper form)", "property mean", "property std", "validity", "uniqueness",
-           "train (s)"]
+COLUMNS = ["model", "target", "tau", "steps", "KL - log Z (paper form)", "property mean", "property std", "validity",
+           "uniqueness", "train (s)"]
 
 
 def run_point(folder: Path, preset: str, model: str, target: float, tau: float, extra: list[str]) -> dict:
@@ -39,9 +40,19 @@ def run_point(folder: Path, preset: str, model: str, target: float, tau: float, 
         seconds = time.monotonic() - start
     evaluation = json.loads((folder / "metrics.json").read_text())["table"]
     generation = json.loads((folder / "generate_metrics.json").read_text())["unconditional"]
-    return {"model": model, "target": target, "tau": tau, "KL - log Z (paper form)": evaluation.get("KL - log Z (paper form)"),
+    return {"model": model, "target": target, "tau": tau, "steps": trained_steps(folder),
+            "KL - log Z (paper form)": evaluation.get("KL - log Z (paper form)"),
             "property mean": generation["property_mean"], "property std": generation["property_std"],
             "validity": generation["validity"], "uniqueness": generation["uniqueness"], "train (s)": seconds}
+
+
+def trained_steps(folder: Path) -> int | None:
+    """The last optimizer step the run logged (training is time-limited at preset=cpu, so points differ)."""
+    path = folder / "metrics.jsonl"
+    if not path.exists():
+        return None
+    steps = [json.loads(line).get("step") for line in path.read_text().splitlines() if line.strip()]
+    return max((step for step in steps if isinstance(step, int)), default=None)
 
 
 def check_same_overrides(folder: Path, expected: list[str]) -> None:

@@ -191,6 +191,7 @@ def test_table5_grid_writes_one_table_and_reuses_finished_points(tmp_path):
             assert row["validity"] == generated["validity"] and 0 <= row["validity"] <= 1
             assert row["KL - log Z (paper form)"] == json.loads((folder / "metrics.json").read_text())["table"]["KL - log Z (paper form)"]
             assert (row["train (s)"] is None) == (attempt == 1)  # trained once, reused the second time
+            assert row["steps"] == max(json.loads(line)["step"] for line in (folder / "metrics.jsonl").read_text().splitlines())
     assert "| MAM | -4 | 0.1 |" in (tmp_path / "table5.md").read_text()
     # a finished point is not reused for other settings
     result = subprocess.run(command + ["alpha=3"], capture_output=True, text=True, timeout=900)
