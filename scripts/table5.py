@@ -5,8 +5,8 @@
 
 Each point trains `mam/mol_property_eb_main.py` into DIR/<model>_target<t>_tau<tau>/, then runs `mode=evaluate` and
 `mode=generate` there. A point whose generate_metrics.json exists is reused, not retrained (delete its folder to redo
-it; one run with other overrides is refused), so an interrupted grid continues where it stopped; the point that was cut off is trained again from the start
-(overwrite=true), so that every point gets the same budget. Writes DIR/table5.md and DIR/table5.json: per point the
+it; one run with other overrides is refused), so an interrupted grid continues where it stopped; the point that was
+cut off is trained again from the start (overwrite=true), so that every point gets the same budget. Writes DIR/table5.md and DIR/table5.json: per point the
 steps trained, the unnormalised KL (the paper's column), mean ± std of the property over the generated samples,
 validity and uniqueness.
 """
