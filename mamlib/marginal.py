@@ -67,27 +67,25 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
         logits = logits.detach()
     empty_x, empty_mask = empty_like_rows(x)
     extended_mask = observed_before(order, step + 1)
-    complete_x, complete_mask = (x, torch.ones_like(extended_mask)) if with_complete else (x[:0], extended_mask[:0])
-    tail_x, tail_mask = torch.cat([complete_x, empty_x]), torch.cat([complete_mask, empty_mask])
-    extra = {}
-    if not all_values:
-        log_conditional = value_log_prob(logits, x, position)
-        f_rest = log_marginal(net, torch.cat([x, tail_x]), torch.cat([extended_mask, tail_mask])).float()
-        if with_complete:
-            extra["f_complete"] = f_rest[batch:-1]
-        residual = f_prefix.float() + log_conditional - f_rest[:batch]
-        return {"residual": residual, "squared_residual": residual.pow(2), "f_empty": f_rest[-1],
-                "f_extended": f_rest[:batch], "extended_mask": extended_mask, **extra}
     num_classes = logits.shape[-1]
+    if all_values:  # row k * B + b: row b with x_sigma(d) set to k
+        extended_x, extended_rows_mask = x.repeat(num_classes, 1), extended_mask.repeat(num_classes, 1)
+        extended_x[torch.arange(num_classes * batch, device=x.device), position.repeat(num_classes)] = (
+            torch.arange(num_classes, device=x.device).repeat_interleave(batch).to(x.dtype))
+    else:
+        extended_x, extended_rows_mask = x, extended_mask
+    complete = [x] if with_complete else []
+    complete_mask = [torch.ones_like(extended_mask)] if with_complete else []
+    f_rest = log_marginal(net, torch.cat([extended_x, *complete, empty_x]),
+                          torch.cat([extended_rows_mask, *complete_mask, empty_mask])).float()
+    f_extended = f_rest[:len(extended_x)]
+    extra = {"f_complete": f_rest[len(extended_x):-1]} if with_complete else {}
+    if not all_values:
+        residual = f_prefix.float() + value_log_prob(logits, x, position) - f_extended
+        return {"residual": residual, "squared_residual": residual.pow(2), "f_empty": f_rest[-1],
+                "f_extended": f_extended, "extended_mask": extended_mask, **extra}
     rows = torch.arange(batch, device=x.device)
-    x_values = x.repeat(num_classes, 1)
-    x_values[torch.arange(num_classes * batch, device=x.device), position.repeat(num_classes)] = (
-        torch.arange(num_classes, device=x.device).repeat_interleave(batch).to(x.dtype))
-    f_rest = log_marginal(net, torch.cat([x_values, tail_x]),
-                          torch.cat([extended_mask.repeat(num_classes, 1), tail_mask])).float()
-    if with_complete:
-        extra["f_complete"] = f_rest[num_classes * batch:-1]
-    f_values = f_rest[:num_classes * batch].view(num_classes, batch).t()  # (B, K): f(x_sigma(<d), x_sigma(d) = k)
+    f_values = f_extended.view(num_classes, batch).t()  # (B, K): f(x_sigma(<d), x_sigma(d) = k)
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     residuals = f_prefix.float().unsqueeze(1) + log_probs - f_values
     own_value = x[rows, position].long()

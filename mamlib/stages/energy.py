@@ -105,12 +105,12 @@ class MaMEnergyObjective:
         self.net.train()
 
     def _penalty(self, x, conditional_grad: bool = True, with_complete: bool = False):
-        """(mean squared self-consistency residual, (f(empty) - log Z)^2[, f(x) from the same pass])."""
+        """(mean squared self-consistency residual, (f(empty) - log Z)^2, the terms of :func:`self_consistency_terms`)."""
         terms = self_consistency_terms(self.net, x, all_values=self.cfg.get("consistency_values", "sampled") == "all",
                                        conditional_grad=conditional_grad, with_complete=with_complete)
         consistency = terms["squared_residual"].mean()
         normalizer = (terms["f_empty"] - self.log_z).pow(2)
-        return (consistency, normalizer, terms["f_complete"]) if with_complete else (consistency, normalizer)
+        return consistency, normalizer, terms
 
     def loss(self, batch):
         cfg, D = self.cfg, self.net.num_positions
@@ -120,7 +120,8 @@ class MaMEnergyObjective:
         log_f = target_log_f(self.target, self.samples)
         metrics = {"log_f_mean": log_f.mean().item(), "log_f_std": log_f.std().item()}
         if cfg.objective == "KL":
-            consistency, normalizer, log_p = self._penalty(self.samples, with_complete=True)  # f(x) rides in its pass
+            consistency, normalizer, terms = self._penalty(self.samples, with_complete=True)  # f(x) rides in its pass
+            log_p = terms["f_complete"]
             weight = standardized(log_p.detach() - self.log_z.detach() - log_f)
             surrogate = arm.one_step_mean_log_prob(self.net, self.samples) if cfg.logp_mc else log_p
             fit = (weight * surrogate).mean()
@@ -133,8 +134,8 @@ class MaMEnergyObjective:
                 random_x = torch.randint(0, self.net.num_classes, self.samples.shape, device=self.device)
             f_random = log_marginal(self.net, random_x, torch.ones_like(random_x, dtype=torch.bool)).float()
             fit = 0.5 * (f_random - target_log_f(self.target, random_x)).pow(2).mean()
-            consistency_random, _ = self._penalty(random_x)
-            consistency_samples, normalizer = self._penalty(self.samples)
+            consistency_random, _, _ = self._penalty(random_x)
+            consistency_samples, normalizer, _ = self._penalty(self.samples)
             consistency = 0.5 * (consistency_random + consistency_samples)
             penalty = D * consistency + normalizer
         metrics.update(consistency=consistency.item(), normalizer=normalizer.item(), fit=fit.item(), log_z=self.log_z.item())
@@ -151,7 +152,7 @@ class MaMEnergyObjective:
             current_log_target=self.samples_log_f)
         fitted = self._fit_rows()
         fit, _ = arm.aoarm_loss(self.net, fitted)
-        consistency, normalizer = self._penalty(fitted, conditional_grad=False)
+        consistency, normalizer, _ = self._penalty(fitted, conditional_grad=False)
         penalty = self.net.num_positions * consistency + normalizer
         log_f = self.samples_log_f
         metrics = {"log_f_mean": log_f.mean().item(), "log_f_std": log_f.std().item(),
@@ -428,7 +429,7 @@ def generate(exp: Experiment, target, info) -> dict:
     samples = draw_samples(exp, model, cfg.generate.num_samples)
     save_npy_atomic(exp.run_dir / "samples.npy", samples.numpy())
     report = {"unconditional": plot_samples(exp, target, samples, "samples"), "num_samples": len(samples)}
-    chains = metropolis_chains(exp)
+    chains = metropolis_chains(exp, model)
     if chains is not None:  # what the conditionals were fitted to, beside what they generate
         report["metropolis_chains"] = {**plot_samples(exp, target, chains, "chains"), "num_chains": len(chains),
                                        **conditional_nll(exp, model, chains, samples)}
@@ -441,13 +442,12 @@ def generate(exp: Experiment, target, info) -> dict:
     return report
 
 
-def metropolis_chains(exp: Experiment) -> torch.Tensor | None:
+def metropolis_chains(exp: Experiment, model) -> torch.Tensor | None:
     """The chains an ``objective=mcmc_mle`` run keeps in its checkpoint (Metropolis-corrected, so they follow f / Z);
-    None for other runs, whose chains are p_phi's own samples."""
-    payload = load_checkpoint(resolve_checkpoint(exp))
-    if (payload.get("config") or {}).get("objective") != "mcmc_mle":
+    None for other runs, whose chains are p_phi's own samples (their checkpoint is not read again)."""
+    if model.config.get("objective") != "mcmc_mle":
         return None
-    return (payload.get("objective") or {}).get("samples")
+    return (load_checkpoint(resolve_checkpoint(exp)).get("objective") or {}).get("samples")
 
 
 def conditional_nll(exp: Experiment, model, chains: torch.Tensor, samples: torch.Tensor) -> dict:
