@@ -62,15 +62,35 @@ def _steps_log_prob(net, x, order, steps: torch.Tensor) -> torch.Tensor:
     return picked.double().view(chunk, batch)
 
 
-def _chain_rule_passes(net, x, observed_mask, order, steps_per_pass: int):
-    """Yields, per network pass, the (B,) float64 sum of that pass's chain-rule terms (with autograd when enabled)."""
+def _chain_rule_step_terms(net, x, observed_mask, order, steps_per_pass: int):
+    """Yields, per network pass, (steps, (chunk, B) float64 chain-rule terms, 0 past a row's |S|) with autograd when
+    enabled."""
     batch = x.shape[0]
     counts = observed_mask.sum(1)
     num_steps = int(counts.max().item()) if batch else 0
     for start in range(0, num_steps, steps_per_pass):
         steps = torch.arange(start, min(start + steps_per_pass, num_steps), device=x.device)
         valid = steps.unsqueeze(1) < counts.unsqueeze(0)  # (chunk, B)
-        yield (_steps_log_prob(net, x, order, steps) * valid).sum(0)
+        yield steps, _steps_log_prob(net, x, order, steps) * valid
+
+
+def _chain_rule_passes(net, x, observed_mask, order, steps_per_pass: int):
+    """Yields, per network pass, the (B,) float64 sum of that pass's chain-rule terms (with autograd when enabled)."""
+    for _, terms in _chain_rule_step_terms(net, x, observed_mask, order, steps_per_pass):
+        yield terms.sum(0)
+
+
+@torch.no_grad()
+def chain_rule_prefix_log_probs(net, x, order, steps_per_pass: int = 1, progress=None) -> torch.Tensor:
+    """(B, D + 1) float64: column t is the chain rule over the first t positions of ``order``, log p_sigma(x_sigma(<=t))
+    (column 0 = 0, column D = log p_sigma(x)): one D-step chain rule gives every prefix marginal of a row.
+    ``progress``: optional callable(steps done) for a progress bar."""
+    terms = torch.zeros(x.shape[0], x.shape[1] + 1, dtype=torch.float64, device=x.device)
+    for steps, step_terms in _chain_rule_step_terms(net, x, torch.ones_like(x, dtype=torch.bool), order, steps_per_pass):
+        terms[:, steps + 1] = step_terms.T
+        if progress is not None:
+            progress(len(steps))
+    return terms.cumsum(1)
 
 
 def _observed_and_order(x, observed_mask, order):

@@ -189,17 +189,19 @@ def test_all_values_consistency_is_the_expectation_of_the_sampled_one():
 
 
 @pytest.mark.parametrize("all_values", [False, True])
-def test_complete_rows_ride_in_the_consistency_pass_without_changing_it(all_values):
-    # with_complete=True appends the complete rows to the marginal pass: f_complete is f(x) and the rest is unchanged
+def test_extra_rows_ride_in_the_consistency_pass_without_changing_it(all_values):
+    # extra_rows appends other rows (complete rows for the energy KL, anchor prefixes) to the marginal pass: f_extra is
+    # their f and the rest is unchanged
     torch.manual_seed(4)
     net = MLPPair(K, D, hidden=16, num_layers=2, marginal=True)
     x, order = torch.randint(0, K, (10, D)), random_order(10, D)
+    other_x, other_mask = torch.randint(0, K, (7, D)), torch.rand(7, D) < 0.5
     plain = self_consistency_terms(net, x, order=order, generator=torch.Generator().manual_seed(2), all_values=all_values)
     joined = self_consistency_terms(net, x, order=order, generator=torch.Generator().manual_seed(2), all_values=all_values,
-                                    with_complete=True)
-    assert "f_complete" not in plain
-    assert torch.allclose(joined["f_complete"], log_marginal(net, x, torch.ones_like(x, dtype=torch.bool)), atol=1e-5)
-    joined["f_complete"].sum().backward()  # the REINFORCE term's gradient reaches the marginal network through it
+                                    extra_rows=(other_x, other_mask))
+    assert "f_extra" not in plain
+    assert torch.allclose(joined["f_extra"], log_marginal(net, other_x, other_mask), atol=1e-5)
+    joined["f_extra"].sum().backward()  # the REINFORCE / anchor gradient reaches the marginal network through it
     assert net.marginal_mlp.input.weight.grad.abs().sum() > 0
     for key in ("residual", "squared_residual", "f_empty", "f_extended"):
         assert torch.allclose(joined[key], plain[key], atol=1e-5), key

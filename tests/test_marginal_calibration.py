@@ -14,8 +14,9 @@ from scipy import stats
 from mamlib import arm
 from mamlib.calibration import CalibrationSet, gap_summary, group_error_summary, random_observed_masks
 from mamlib.evaluation import aggregate_correlations
-from mamlib.marginal import anchor_target, normalized_log_marginal, self_consistency_loss
+from mamlib.marginal import TrajectoryAnchor, anchor_target, normalized_log_marginal, self_consistency_loss
 from mamlib.nets import MLPPair, Transformer
+from mamlib.orders import observed_before
 from mamlib.stages.mam_mle import ensemble_and_single_order, regenerated_groups
 
 from exact import BruteForceNet, all_states, chain_log_joint
@@ -83,6 +84,54 @@ def test_anchor_term_vanishes_for_exact_marginals():
     assert parts["consistency"] < 1e-10
     targets = anchor_target(net, x, torch.ones_like(x, dtype=torch.bool), generator=torch.Generator().manual_seed(1))
     assert targets.shape == (len(x),) and torch.isfinite(targets).all()
+
+
+@torch.no_grad()
+def test_trajectory_prefixes_are_the_chain_rule_of_every_prefix():
+    net = small_transformer(seed=4)  # untrained: orders disagree, so a prefix value depends on the order used
+    rows = all_states(D, K)[::7]
+    anchor = TrajectoryAnchor.compute(net, rows, batch_size=3, steps_per_pass=3, generator=torch.Generator().manual_seed(0))
+    assert anchor.prefix_log_probs.shape == (len(rows), D + 1) and (anchor.prefix_log_probs[:, 0] == 0).all()
+    for size in range(1, D + 1):
+        prefix = observed_before(anchor.order, size)
+        expected = arm.chain_rule_log_prob(net, rows, prefix, order=anchor.order)
+        assert torch.allclose(anchor.prefix_log_probs[:, size], expected, atol=1e-5), size
+
+
+@torch.no_grad()
+def test_trajectory_targets_average_to_the_order_averaged_chain_rule_of_their_prefix():
+    # every order of one row, every prefix: grouped by the prefix set S, the targets' mean is E_sigma log p_sigma(x_S)
+    # exactly (the claim that makes the trajectory anchor share the one-pass anchor's minimiser)
+    net = small_transformer(seed=5)
+    x = torch.tensor([[1, 0, 2, 2]])
+    orders = torch.stack(ALL_ORDERS)
+    anchor = TrajectoryAnchor.compute(net, x.repeat(len(orders), 1), batch_size=8, order=orders)
+    groups = {}
+    for size in range(1, D + 1):
+        for row, prefix in enumerate(observed_before(orders, size)):
+            groups.setdefault(tuple(prefix.tolist()), []).append(anchor.prefix_log_probs[row, size].item())
+    assert len(groups) == 2 ** D - 1
+    spread = 0.0
+    for prefix, values in groups.items():
+        exact = order_average_log_prob(net, x, torch.tensor([prefix])).item()
+        assert np.mean(values) == pytest.approx(exact, abs=1e-5), prefix
+        spread = max(spread, np.ptp(values))
+    assert spread > 0.05  # the orders within a prefix really disagree (otherwise the check would be weak)
+
+
+@torch.no_grad()
+def test_trajectory_anchor_vanishes_for_exact_marginals_and_round_trips():
+    net = BruteForceNet(chain_log_joint(D, K, seed=6), D, K)
+    rows = all_states(D, K)[::5]
+    anchor = TrajectoryAnchor.compute(net, rows, batch_size=4, generator=torch.Generator().manual_seed(1))
+    x = all_states(D, K)[1::4]
+    _, parts = self_consistency_loss(net, x, anchor_weight=1.0, trajectories=anchor, generator=torch.Generator().manual_seed(2))
+    assert parts["anchor"] < 1e-10 and parts["consistency"] < 1e-10  # exact chain rule = exact marginal: zero residual
+    shifted = TrajectoryAnchor(anchor.rows, anchor.order, anchor.prefix_log_probs + 0.5 * torch.arange(D + 1))
+    _, parts = self_consistency_loss(net, x, anchor_weight=1.0, trajectories=shifted, generator=torch.Generator().manual_seed(2))
+    assert parts["anchor"] > 1e-3  # wrong targets are penalised
+    restored = TrajectoryAnchor.from_state_dict(anchor.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(restored.state_dict().values(), anchor.state_dict().values()))
 
 
 @torch.no_grad()

@@ -90,9 +90,16 @@ def test_seq_scripts_and_bad_inputs(tmp_path):
     stage1 = tmp_path / "stage1"
     run("ao_arm/seq_main.py", stage1, *data, "arch=mlp")
     check_score("ao_arm/seq_main.py", stage1, tmp_path, 8, 3, *data)
-    run("mam/seq_main.py", tmp_path / "stage2", *data, "load_pretrain=True",
+    # stage 2 with the trajectory anchor (exact chain-rule prefixes of 4 training rows, kept in the checkpoint)
+    run("mam/seq_main.py", tmp_path / "stage2", *data, "load_pretrain=True", "anchor_weight=1", "anchor_trajectories=4",
         f"loadpath_pretrain={stage1 / 'checkpoints' / 'last.pt'}")
+    import torch
+    kept = torch.load(tmp_path / "stage2" / "checkpoints" / "last.pt", weights_only=False)["objective"]["trajectories"]
+    assert kept["prefix_log_probs"].shape == (4, 9) and torch.isfinite(kept["prefix_log_probs"]).all()
     check_score("mam/seq_main.py", tmp_path / "stage2", tmp_path, 8, 3, *data, chain_rule=False)
+    result = run("mam/seq_main.py", tmp_path / "bad0", *data, "load_pretrain=True", "anchor_trajectories=4",
+                 f"loadpath_pretrain={stage1 / 'checkpoints' / 'last.pt'}", expect_ok=False)
+    assert result.returncode == 2 and "set anchor_weight > 0" in result.stderr
     # a stage-1 checkpoint of other data is refused with both values named
     np.save(tmp_path / "tokens4.npy", rng.integers(0, 4, size=(200, 8)))
     result = run("mam/seq_main.py", tmp_path / "bad", f"dataset.path={tmp_path / 'tokens4.npy'}", "dataset.K=4",

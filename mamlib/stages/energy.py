@@ -104,10 +104,10 @@ class MaMEnergyObjective:
         self.samples_log_f = None
         self.net.train()
 
-    def _penalty(self, x, conditional_grad: bool = True, with_complete: bool = False):
+    def _penalty(self, x, conditional_grad: bool = True, extra_rows=None):
         """(mean squared self-consistency residual, (f(empty) - log Z)^2, the terms of :func:`self_consistency_terms`)."""
         terms = self_consistency_terms(self.net, x, all_values=self.cfg.get("consistency_values", "sampled") == "all",
-                                       conditional_grad=conditional_grad, with_complete=with_complete)
+                                       conditional_grad=conditional_grad, extra_rows=extra_rows)
         consistency = terms["squared_residual"].mean()
         normalizer = (terms["f_empty"] - self.log_z).pow(2)
         return consistency, normalizer, terms
@@ -120,8 +120,9 @@ class MaMEnergyObjective:
         log_f = target_log_f(self.target, self.samples)
         metrics = {"log_f_mean": log_f.mean().item(), "log_f_std": log_f.std().item()}
         if cfg.objective == "KL":
-            consistency, normalizer, terms = self._penalty(self.samples, with_complete=True)  # f(x) rides in its pass
-            log_p = terms["f_complete"]
+            complete = (self.samples, torch.ones_like(self.samples, dtype=torch.bool))
+            consistency, normalizer, terms = self._penalty(self.samples, extra_rows=complete)  # f(x) rides in its pass
+            log_p = terms["f_extra"]
             weight = standardized(log_p.detach() - self.log_z.detach() - log_f)
             surrogate = arm.one_step_mean_log_prob(self.net, self.samples) if cfg.logp_mc else log_p
             fit = (weight * surrogate).mean()

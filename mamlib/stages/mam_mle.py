@@ -16,7 +16,7 @@ from ..calibration import CalibrationSet, flat_gap_metrics, gap_summary, group_e
 from ..evaluation import aggregate_correlations, bits_per_dim, correlation_summary, time_callable, write_report
 from ..experiment import Experiment, batched, make_optimizer
 from ..files import atomic_write, save_npz_atomic, write_text_atomic
-from ..marginal import log_normalizer, normalized_log_marginal, self_consistency_loss
+from ..marginal import TrajectoryAnchor, log_normalizer, normalized_log_marginal, self_consistency_loss
 from ..orders import random_order
 from ..plots import save_image_grid, save_regenerated_panel, save_scatter
 from ..runtime import maybe_compile, synchronize
@@ -62,8 +62,19 @@ class MarginalObjective:
     def __init__(self, net, cfg, dataset, device):
         self.net, self.cfg, self.dataset, self.device = net, cfg, dataset, device
         self.samples: torch.Tensor | None = None
+        self.trajectories: TrajectoryAnchor | None = None
+        if cfg.get("anchor_trajectories", 0) and not cfg.anchor_weight:
+            raise ValueError(f"anchor_trajectories={cfg.anchor_trajectories} only changes the anchor term's targets: "
+                             "also set anchor_weight > 0 (e.g. anchor_weight=20), or anchor_trajectories=0")
 
     def on_epoch_start(self, epoch: int) -> None:
+        if self.cfg.get("anchor_trajectories", 0) and self.trajectories is None:  # once; a resumed run has its own
+            self.net.eval()
+            rows = sample_rows(self.dataset.train, self.cfg.anchor_trajectories, self.cfg.seed + 2024)
+            self.trajectories = TrajectoryAnchor.compute(
+                self.net, rows, self.cfg.eval.batch_size, self.cfg.eval.steps_per_pass,
+                generator=torch.Generator().manual_seed(int(self.cfg.seed) + 2025), device=self.device)
+            self.net.train()
         if not self.cfg.include_onpolicy:
             return
         count = self.cfg.train.batch_size
@@ -82,15 +93,18 @@ class MarginalObjective:
             self.samples = arm.censor_and_resample(self.net, self.samples, self.cfg.gibbs_steps)
             x = torch.cat([batch, self.samples])
         loss, parts = self_consistency_loss(self.net, x, log_z=0.0, anchor_weight=self.cfg.anchor_weight,
-                                            anchor_draws=self.cfg.anchor_draws,
+                                            anchor_draws=self.cfg.anchor_draws, trajectories=self.trajectories,
                                             all_values=self.cfg.get("consistency_values", "sampled") == "all")
         return loss, parts
 
     def state_dict(self) -> dict:
-        return {"samples": None if self.samples is None else self.samples.cpu()}
+        return {"samples": None if self.samples is None else self.samples.cpu(),
+                "trajectories": None if self.trajectories is None else self.trajectories.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
         self.samples = None if state.get("samples") is None else state["samples"].to(self.device)
+        if state.get("trajectories") is not None:
+            self.trajectories = TrajectoryAnchor.from_state_dict(state["trajectories"])
 
 
 @torch.no_grad()
