@@ -73,7 +73,7 @@ FIELDS: dict[str, Field] = {
     "include_onpolicy": Field(bool), "onpolicy_init": one_of("samples", "data"), "gibbs_steps": at_least(1),
     "chain_buffer": at_least(0),
     "model": one_of("MAM", "ARM"), "objective": one_of("KL", "squared", "mcmc_mle"), "keep_chains": Field(bool),
-    "squared_data": one_of("uniform", "pseudo"), "logp_mc": Field(bool), "alpha": at_least(0, float),
+    "squared_data": one_of("uniform", "pseudo"), "logp_mc": Field(bool), "logp_mc_scale": one_of("mean", "sum"), "alpha": at_least(0, float),
     "zlr": positive(float), "arm_order": one_of("forward", "backward"), "steps_per_epoch": at_least(1),
     "tau": positive(float), "L": at_least(1), "target_value": Field(float), "metric_name": one_of("logP", "QED", "SA"),
     "string_type": Field(str), "load_full": Field(bool), "dataset.max_len": at_least(1, null=True),

@@ -86,6 +86,7 @@ def test_arm_kl_training_with_piecewise_backward_reaches_the_exact_target(tmp_pa
 VARIANTS = {
     "ARM-MC": (["model=ARM", "logp_mc=true", "arm_order=forward"], (0.5, None)),                         # 0.24
     "MaM logp_mc": (["logp_mc=true"], (0.6, 0.6)),                                                         # 0.34, 0.34
+    "MaM logp_mc, sum scale": (["logp_mc=true", "logp_mc_scale=sum"], (0.1, 0.1)),                         # 0.014, 0.023
     "MaM squared, uniform x": (["objective=squared", "squared_data=uniform"], (0.5, 0.4)),                 # 0.24, 0.19
     "MaM squared, pseudo-data": (["objective=squared", "squared_data=pseudo"], (0.3, 0.2)),                # 0.13, 0.086
     "MaM KL, kept chains": (["keep_chains=true"], (0.08, 0.03)),                                           # 0.028, 0.0036

@@ -124,7 +124,9 @@ class MaMEnergyObjective:
             consistency, normalizer, terms = self._penalty(self.samples, extra_rows=complete)  # f(x) rides in its pass
             log_p = terms["f_extra"]
             weight = standardized(log_p.detach() - self.log_z.detach() - log_f)
-            surrogate = arm.one_step_mean_log_prob(self.net, self.samples) if cfg.logp_mc else log_p
+            surrogate = log_p
+            if cfg.logp_mc:  # the original's estimate is of log p / D; "sum" scales it to an unbiased log p estimate
+                surrogate = arm.one_step_mean_log_prob(self.net, self.samples) * (D if cfg.get("logp_mc_scale") == "sum" else 1)
             fit = (weight * surrogate).mean()
             penalty = D * consistency + normalizer
             metrics["kl_estimate"] = (log_p.detach() - self.log_z.detach() - log_f).mean().item()
