@@ -6,8 +6,9 @@ from __future__ import annotations
 
 import torch
 
-from .arm import conditional_log_probs, value_log_prob, value_log_probs
+from .arm import chain_rule_prefix_log_probs, conditional_log_probs, value_log_prob, value_log_probs
 from .orders import index_at, observed_before, order_observed_first, random_order
+from .progress import progress
 
 
 def empty_like_rows(x: torch.Tensor, rows: int = 1):
@@ -141,9 +142,6 @@ class TrajectoryAnchor:
     def compute(cls, net, rows: torch.Tensor, batch_size: int, steps_per_pass: int = 1, generator=None,
                 device=None, order: torch.Tensor | None = None) -> "TrajectoryAnchor":
         """One chain rule per row along ``order`` (default: a random order per row)."""
-        from .arm import chain_rule_prefix_log_probs
-        from .progress import progress
-
         device = device if device is not None else rows.device
         order = random_order(len(rows), rows.shape[1], generator=generator) if order is None else order.cpu()
         prefix_log_probs = []

@@ -48,11 +48,12 @@ def run_point(folder: Path, preset: str, model: str, target: float, tau: float, 
 
 def trained_steps(folder: Path) -> int | None:
     """The last optimizer step the run logged (training is time-limited at preset=cpu, so points differ)."""
+    from mamlib.plots import read_metrics_jsonl  # the project's reader (a line cut short by a kill is skipped)
+
     path = folder / "metrics.jsonl"
     if not path.exists():
         return None
-    steps = [json.loads(line).get("step") for line in path.read_text().splitlines() if line.strip()]
-    return max((step for step in steps if isinstance(step, int)), default=None)
+    return max((int(steps.max()) for steps, _ in read_metrics_jsonl(path).values() if len(steps)), default=None)
 
 
 def check_same_overrides(folder: Path, expected: list[str]) -> None:
