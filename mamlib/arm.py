@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .orders import index_at, observed_before, order_observed_first, random_order
+from .orders import index_at, observed_before, order_observed_first, random_last_steps, random_order
 
 
 def conditional_log_probs(net, x, observed_mask) -> torch.Tensor:
@@ -215,8 +215,9 @@ def sample_unconditional(net, num_samples: int, order=None, temperature: float =
 def censor_and_resample(net, x, num_steps: int, order=None, generator=None) -> torch.Tensor:
     """Erase the last ``num_steps`` positions of ``order`` (random by default) and re-draw them with the conditionals."""
     batch, dim = x.shape
-    if order is None:
-        order = random_order(batch, dim, device=x.device, generator=generator)
+    num_steps = min(num_steps, dim)
+    if order is None:  # only the last steps matter: no full sort
+        order = random_last_steps(batch, dim, num_steps, device=x.device, generator=generator)
     keep = order < dim - num_steps
     return sample(net, x, keep, order=order, generator=generator)
 
@@ -234,8 +235,9 @@ def metropolis_censor_and_resample(net, x, num_steps: int, log_target, order=Non
     Returns (states, (B,) bool accepted, (B,) float64 log f of the returned states).
     """
     batch, dim = x.shape
+    num_steps = min(num_steps, dim)
     if order is None:
-        order = random_order(batch, dim, device=x.device, generator=generator)
+        order = random_last_steps(batch, dim, num_steps, device=x.device, generator=generator)
     proposal, log_forward = sample(net, x, order < dim - num_steps, order=order, generator=generator, return_log_prob=True)
     # log p_phi(x_R | x_S) of the current values along the same order: the num_steps conditionals in one pass
     log_reverse = _steps_log_prob(net, x, order, torch.arange(dim - num_steps, dim, device=x.device)).sum(0)

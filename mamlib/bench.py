@@ -29,6 +29,7 @@ from . import arm
 from .cli import compose_config
 from .errors import UserError
 from .evaluation import markdown_table
+from .experiment import make_optimizer
 from .files import write_json_atomic, write_text_atomic
 from .marginal import log_normalizer, normalized_log_marginal
 from .nets import build_backbone
@@ -101,7 +102,8 @@ class Timer:
 
 def train_step(net, loss_fn, parameters, backpropagates: bool = False):
     """One optimizer step; ``backpropagates``: loss_fn runs its own backward (an objective's loss_and_backward)."""
-    optimizer = torch.optim.Adam(parameters, lr=1e-4)
+    optimizer = make_optimizer(parameters, OmegaConf.create({"optimizer": "adam", "lr": 1e-4, "betas": [0.9, 0.999],
+                                                             "weight_decay": 0.0}))  # what training builds
 
     def step():
         optimizer.zero_grad(set_to_none=True)

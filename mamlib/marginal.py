@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 
 from .arm import chain_rule_prefix_log_probs, conditional_log_probs, value_log_prob, value_log_probs
-from .orders import index_at, observed_before, order_observed_first, random_order
+from .orders import index_at, observed_before, order_observed_first, random_order, random_prefix
 from .progress import progress
 
 
@@ -57,16 +57,18 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
     one pass fewer for the energy-based KL objective (f on complete rows) and the trajectory anchor (f on its prefixes).
     """
     batch, dim = x.shape
-    if order is None:
-        order = random_order(batch, dim, device=x.device, generator=generator)
-    step = torch.randint(0, dim, (batch,), device=x.device, generator=generator)  # 0-based index of sigma(d)
-    prefix_mask = observed_before(order, step)
-    position = index_at(order, step)
+    if order is None:  # the same distribution without sorting
+        prefix_mask, position = random_prefix(batch, dim, device=x.device, generator=generator)
+    else:
+        step = torch.randint(0, dim, (batch,), device=x.device, generator=generator)  # 0-based index of sigma(d)
+        prefix_mask, position = observed_before(order, step), index_at(order, step)
+    rows = torch.arange(batch, device=x.device)
+    extended_mask = prefix_mask.clone()
+    extended_mask[rows, position] = True
     f_prefix, logits = net(x, prefix_mask, need_logits=True, need_marginal=True, positions=position)
     if not conditional_grad:
         logits = logits.detach()
     empty_x, empty_mask = empty_like_rows(x)
-    extended_mask = observed_before(order, step + 1)
     num_classes = logits.shape[-1]
     if all_values:  # row k * B + b: row b with x_sigma(d) set to k
         extended_x, extended_rows_mask = x.repeat(num_classes, 1), extended_mask.repeat(num_classes, 1)
@@ -83,7 +85,6 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
         residual = f_prefix.float() + value_log_prob(logits, x, position) - f_extended
         return {"residual": residual, "squared_residual": residual.pow(2), "f_empty": f_rest[-1],
                 "f_extended": f_extended, "extended_mask": extended_mask, **extra}
-    rows = torch.arange(batch, device=x.device)
     f_values = f_extended.view(num_classes, batch).t()  # (B, K): f(x_sigma(<d), x_sigma(d) = k)
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     residuals = f_prefix.float().unsqueeze(1) + log_probs - f_values

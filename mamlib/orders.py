@@ -26,6 +26,34 @@ def random_order(batch_size: int, num_positions: int, device=None, generator: to
     return torch.empty_like(positions).scatter_(1, positions, steps)  # its inverse (= a second argsort, cheaper)
 
 
+def random_prefix(batch_size: int, num_positions: int, device=None, generator: torch.Generator | None = None):
+    """(prefix_mask, position): the first d-1 positions of a uniformly random order and its d-th, d ~ U{1..D}.
+
+    The same distribution as ``random_order`` with a uniform step, without sorting: with iid noise per position,
+    the positions whose noise is below that of a uniformly chosen position are a uniform random subset whose size
+    is uniform on 0..D-1.
+    """
+    noise = torch.rand(batch_size, num_positions, device=device, generator=generator)
+    position = torch.randint(0, num_positions, (batch_size,), device=device, generator=generator)
+    prefix_mask = noise < noise.gather(1, position.unsqueeze(1))
+    return prefix_mask, position
+
+
+def random_last_steps(batch_size: int, num_positions: int, num_last: int, device=None,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """Ranks of an order whose last ``num_last`` steps are a uniformly random ordered subset of the positions.
+
+    The other positions come first in index order: for callers that only use the last steps (censor-and-resample
+    re-draws them given the rest), a top-k of the noise instead of a sort of all D values.
+    """
+    noise = torch.rand(batch_size, num_positions, device=device, generator=generator)
+    last = noise.topk(num_last, dim=1).indices  # (B, num_last), a uniformly random ordered subset
+    first = torch.ones(batch_size, num_positions, dtype=torch.bool, device=noise.device).scatter_(1, last, False)
+    rank = first.long().cumsum(1) - 1
+    last_steps = torch.arange(num_positions - num_last, num_positions, device=noise.device).expand(batch_size, -1)
+    return rank.scatter_(1, last, last_steps)
+
+
 def fixed_order(batch_size: int, num_positions: int, direction: str = "forward", device=None) -> torch.Tensor:
     """Deterministic order: ``forward`` generates position 0 first, ``backward`` position D-1 first."""
     steps = torch.arange(num_positions, device=device)

@@ -50,6 +50,12 @@ class MLPPair(Backbone):
             else:
                 self.marginal_mlp = ResidualMLP(in_dim, hidden, 1, num_layers, residual)
 
+    def one_hot_input(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, D) tokens in 0..K -> (B, D * (K+1)) float one-hot, written in place (F.one_hot builds int64 first)."""
+        width = self.num_classes + 1
+        offsets = torch.arange(0, self.num_positions * width, width, device=tokens.device)
+        return torch.zeros(tokens.shape[0], self.num_positions * width, device=tokens.device).scatter_(1, tokens + offsets, 1.0)
+
     def conditional_logits(self, one_hot, positions=None):
         """(B, D, K) logits, or (B, K) at ``positions``: then only those K rows of the output layer are computed."""
         if positions is None:
@@ -64,7 +70,7 @@ class MLPPair(Backbone):
             raise ValueError("request at least one of need_logits / need_marginal")
         if need_marginal and not self.has_marginal:
             raise ValueError("this MLP was built without a marginal network (marginal=False)")
-        one_hot = F.one_hot(self.input_tokens(x, observed_mask), self.num_classes + 1).flatten(1).float()
+        one_hot = self.one_hot_input(self.input_tokens(x, observed_mask))
         logits = self.conditional_logits(one_hot, positions) if need_logits else None
         log_marginal = None
         if need_marginal and self.marginal_kind == "sum":
