@@ -9,6 +9,7 @@ from mamlib import arm
 from mamlib.api import Model
 from mamlib.checkpoint import load_checkpoint
 from mamlib.cli import compose_config
+from mamlib.errors import ConfigError
 from mamlib.energy.ising import IsingModel
 from mamlib.marginal import log_marginal
 from mamlib.nets import build_backbone
@@ -80,6 +81,42 @@ def test_arm_kl_training_with_piecewise_backward_reaches_the_exact_target(tmp_pa
     assert initial > 10 * trained
 
 
+class ScaledTarget:
+    """ISING with log f multiplied by ``factor``: beta * log f written as a target of its own."""
+
+    def __init__(self, factor: float):
+        self.factor, self.num_positions, self.num_classes = factor, ISING.num_positions, ISING.num_classes
+
+    def log_f(self, x):
+        return self.factor * ISING.log_f(x)
+
+
+@pytest.mark.parametrize("model", ["MAM", "ARM"])
+def test_annealing_rewards_the_target_at_inverse_temperature_beta(model):
+    cfg = compose_config("ising_eb", ["ising_model.dim=3", "arch.hidden=16", "arch.num_layers=2", f"model={model}",
+                                      "anneal_steps=100", "anneal_start=0.2", "steps_per_epoch=10", "train.batch_size=64"])
+    assert [energy.inverse_temperature(cfg, epoch) for epoch in (0, 5, 10, 20)] == pytest.approx([0.2, 0.6, 1.0, 1.0])
+    objective_class = energy.MaMEnergyObjective if model == "MAM" else energy.ARMEnergyObjective
+
+    def gradient(target, epoch):  # the REINFORCE gradient of one step with the same random draws
+        torch.manual_seed(0)
+        net = build_backbone(cfg.arch, 2, 9, marginal=model == "MAM")
+        objective = objective_class(net, target, cfg, torch.device("cpu"))
+        objective.on_epoch_start(epoch)
+        if model == "MAM":
+            objective.loss(None)[0].backward()
+        else:
+            objective.loss_and_backward(None)
+        return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
+
+    annealed = gradient(ISING, 5)  # beta = 0.6
+    assert torch.allclose(annealed, gradient(ScaledTarget(0.6), 20), atol=1e-6)  # = beta 1 on f^0.6
+    assert not torch.allclose(annealed, gradient(ISING, 20), atol=1e-3)  # and not the unannealed step
+    cfg.objective, cfg.model = "squared", "MAM"
+    with pytest.raises(ConfigError, match="objective=KL only"):
+        energy.MaMEnergyObjective(build_backbone(cfg.arch, 2, 9, marginal=True), ISING, cfg, torch.device("cpu"))
+
+
 # Thresholds (conditionals' KL, marginal network's KL; None: no marginal network) ~2x the values measured after 600
 # steps on the 3x3 lattice, one thread, seed 0, given in the comments; untrained: conditionals 1.04, marginal network
 # 0.90. A gradient of the wrong sign or scale leaves the KL near its untrained value.
@@ -90,6 +127,7 @@ VARIANTS = {
     "MaM squared, uniform x": (["objective=squared", "squared_data=uniform"], (0.5, 0.4)),                 # 0.24, 0.19
     "MaM squared, pseudo-data": (["objective=squared", "squared_data=pseudo"], (0.3, 0.2)),                # 0.13, 0.086
     "MaM KL, kept chains": (["keep_chains=true"], (0.08, 0.03)),                                           # 0.028, 0.0036
+    "MaM KL, annealed": (["anneal_steps=300"], (0.06, 0.02)),                                              # 0.023, 0.0025
     "MaM mcmc_mle": (["objective=mcmc_mle"], (0.1, 0.08)),                                                 # 0.047, 0.038
 }
 

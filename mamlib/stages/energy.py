@@ -74,6 +74,24 @@ def pseudo_data(target, count: int, device) -> torch.Tensor:
     return torch.stack([train[int(i)] for i in index]).to(device)
 
 
+def inverse_temperature(cfg, epoch: int) -> float:
+    """beta multiplying log f in the KL objective's reward at ``epoch``: rises linearly from ``anneal_start`` to 1 over
+    ``anneal_steps`` optimizer steps (epoch granularity), then stays 1; 1 throughout when ``anneal_steps`` is 0."""
+    steps = int(cfg.get("anneal_steps") or 0)
+    if steps <= 0:
+        return 1.0
+    start = float(cfg.get("anneal_start", 0.1))
+    return min(1.0, start + (1.0 - start) * epoch * cfg.steps_per_epoch / steps)
+
+
+def check_annealing(cfg) -> None:
+    if int(cfg.get("anneal_steps") or 0) > 0:
+        if cfg.objective != "KL":
+            raise ConfigError(f"anneal_steps applies to objective=KL only (got objective={cfg.objective}); set anneal_steps=0")
+        if not 0.0 < float(cfg.get("anneal_start", 0.1)) <= 1.0:
+            raise ConfigError(f"anneal_start={cfg.anneal_start} must be in (0, 1]")
+
+
 def standardized(values: torch.Tensor) -> torch.Tensor:
     return (values - values.mean()) / (values.std() + torch.finfo(values.dtype).eps)
 
@@ -93,8 +111,11 @@ class MaMEnergyObjective:
         self.chain_history: torch.Tensor | None = None  # mcmc_mle with chain_buffer > 0: recent chain states, newest first
         if cfg.objective not in ("KL", "squared", "mcmc_mle"):
             raise ValueError(f"objective={cfg.objective!r} is unknown for model=MAM; use KL, squared or mcmc_mle")
+        check_annealing(cfg)
+        self.beta = 1.0  # inverse temperature of log f in the KL reward (anneal_steps)
 
     def on_epoch_start(self, epoch: int) -> None:
+        self.beta = inverse_temperature(self.cfg, epoch)
         # chains re-drawn by ancestral sampling with p_phi (once with keep_chains), refreshed by censor-and-resample each
         # step; mcmc_mle keeps its Metropolis chains (re-drawing them would restart their convergence to f)
         if (self.cfg.get("keep_chains") or self.cfg.objective == "mcmc_mle") and self.samples is not None:
@@ -123,13 +144,14 @@ class MaMEnergyObjective:
             complete = (self.samples, torch.ones_like(self.samples, dtype=torch.bool))
             consistency, normalizer, terms = self._penalty(self.samples, extra_rows=complete)  # f(x) rides in its pass
             log_p = terms["f_extra"]
-            weight = standardized(log_p.detach() - self.log_z.detach() - log_f)
+            weight = standardized(log_p.detach() - self.log_z.detach() - self.beta * log_f)
             surrogate = log_p
             if cfg.logp_mc:  # the original's estimate is of log p / D; "sum" scales it to an unbiased log p estimate
                 surrogate = arm.one_step_mean_log_prob(self.net, self.samples) * (D if cfg.get("logp_mc_scale") == "sum" else 1)
             fit = (weight * surrogate).mean()
             penalty = D * consistency + normalizer
             metrics["kl_estimate"] = (log_p.detach() - self.log_z.detach() - log_f).mean().item()
+            metrics["beta"] = self.beta
         else:  # squared error of f_theta on uniform random configurations or pseudo-data, log Z learnable
             if cfg.get("squared_data", "pseudo") == "pseudo":
                 random_x = pseudo_data(self.target, len(self.samples), self.device)
@@ -198,17 +220,19 @@ class ARMEnergyObjective:
     def __init__(self, net, target, cfg, device):
         if cfg.objective != "KL":
             raise ValueError("model=ARM supports objective=KL only")
+        check_annealing(cfg)
         self.net, self.target, self.cfg, self.device = net, target, cfg, device
         self.log_z = None
+        self.beta = 1.0
 
     def on_epoch_start(self, epoch: int) -> None:
-        pass
+        self.beta = inverse_temperature(self.cfg, epoch)
 
     def loss_and_backward(self, batch, scale: float = 1.0) -> tuple[float, dict]:
         """The trainer calls this instead of ``loss``: the exact estimator's backward runs pass by pass."""
         cfg = self.cfg
         return reinforce_backward(self.net, self.target, "ARM-MC" if cfg.logp_mc else "ARM", cfg.train.batch_size,
-                                  cfg.arm_order, cfg.eval.steps_per_pass, scale)
+                                  cfg.arm_order, cfg.eval.steps_per_pass, scale, beta=self.beta)
 
     def state_dict(self) -> dict:
         return {}
@@ -489,10 +513,10 @@ def score(exp: Experiment, target, info) -> None:
 # -- Figure 3: gradient variance -------------------------------------------------------------------
 
 def reinforce_backward(net, target, estimator: str, batch_size: int, order_kind, steps_per_pass: int,
-                       scale: float = 1.0) -> tuple[float, dict]:
+                       scale: float = 1.0, beta: float = 1.0) -> tuple[float, dict]:
     """Backpropagates one fresh minibatch's REINFORCE surrogate, scale * mean_b w_b log p(x_b) with the standardised
-    reward w = standardise(log p - log f) held fixed: its gradient is the KL gradient estimate. Returns (surrogate value,
-    logged figures).
+    reward w = standardise(log p - beta log f) held fixed: its gradient is the KL gradient estimate (to f^beta; beta < 1
+    while annealing). Returns (surrogate value, logged figures).
 
     MaM: samples from the conditionals, log p = f(x) (one marginal pass). ARM: samples in its order; log p is the exact
     chain rule, which the sampling passes already computed (the weights), backpropagated one network pass at a time
@@ -508,7 +532,7 @@ def reinforce_backward(net, target, estimator: str, batch_size: int, order_kind,
     log_f = target_log_f(target, samples)
     if estimator == "ARM":
         estimate = sample_log_prob.float()
-        weight = standardized(estimate - log_f)
+        weight = standardized(estimate - beta * log_f)
         arm.backward_chain_rule(net, samples, weight * (scale / batch_size), order=order, steps_per_pass=steps_per_pass)
     else:
         if estimator == "MaM":
@@ -518,7 +542,7 @@ def reinforce_backward(net, target, estimator: str, batch_size: int, order_kind,
             with torch.no_grad():
                 estimate = arm.one_step_log_prob(net, samples, order=order).float()
             surrogate = arm.one_step_log_prob(net, samples, order=order).float()
-        weight = standardized(estimate - log_f)
+        weight = standardized(estimate - beta * log_f)
         ((weight * surrogate).mean() * scale).backward()
     value = (weight * estimate).mean().item()
     return value, {"log_f_mean": log_f.mean().item(), "log_f_std": log_f.std().item(), "kl_estimate": (estimate - log_f).mean().item()}
