@@ -271,3 +271,25 @@ def test_metropolis_censor_and_resample_targets_f_whatever_the_conditionals():
     assert total_variation(metropolis) < 0.03
     assert total_variation(plain) > 0.2  # the check can tell a chain that does not target f
     assert 0.05 < sum(accepted) / len(accepted) < 0.95  # both accepted and rejected moves were exercised
+
+
+def test_regenerated_onpolicy_rows_keep_data_and_redraw_a_uniform_number_of_steps():
+    # onpolicy_init=regenerated: data rows (all zeros) with the last n ~ U{1..D} steps of a random order re-drawn by the
+    # conditionals. A product target that puts probability 1 - 2e-9 on value 1 at every position makes every re-drawn
+    # position a 1, so each row's count of ones is its n: at least 1, at most D, and spread over the whole range.
+    from types import SimpleNamespace
+    from omegaconf import OmegaConf
+    from mamlib.stages.mam_mle import MarginalObjective
+
+    dim, classes, rows = 6, 2, 600
+    log_joint = 20.0 * all_states(dim, classes).sum(1).double()
+    net = BruteForceNet(log_joint, dim, classes)
+    cfg = OmegaConf.create({"include_onpolicy": True, "onpolicy_init": "regenerated", "seed": 0, "anchor_trajectories": 0,
+                            "anchor_weight": 0.0, "train": {"batch_size": rows}})
+    dataset = SimpleNamespace(train=[torch.zeros(dim, dtype=torch.long)] * rows)
+    objective = MarginalObjective(net, cfg, dataset, torch.device("cpu"))
+    objective.on_epoch_start(0)
+    redrawn = objective.samples.sum(1)
+    counts = torch.bincount(redrawn, minlength=dim + 1)
+    assert counts[0] == 0 and redrawn.max() <= dim
+    assert (counts[1:] > rows / dim / 2).all()  # every n in 1..D occurs (expected 100 each; measured 90-111)

@@ -78,10 +78,17 @@ class MarginalObjective:
         if not self.cfg.include_onpolicy:
             return
         count = self.cfg.train.batch_size
-        if self.cfg.onpolicy_init == "data":  # the original's image setting: start the chains at real data
+        if self.cfg.onpolicy_init in ("data", "regenerated"):
             generator = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
             index = torch.randperm(len(self.dataset.train), generator=generator)[:count]
             self.samples = torch.stack([self.dataset.train[int(i)] for i in index]).to(self.device)
+            if self.cfg.onpolicy_init == "regenerated":  # data rows with the last n ~ U{1..D} steps of a random order re-drawn
+                dim = self.samples.shape[1]
+                redrawn = torch.randint(1, dim + 1, (count, 1), generator=generator)
+                keep = (random_order(count, dim, generator=generator) < dim - redrawn).to(self.device)
+                self.net.eval()
+                self.samples = arm.sample(self.net, self.samples, keep)
+                self.net.train()
         else:  # full ancestral samples from the conditionals
             self.net.eval()
             self.samples = arm.sample_unconditional(self.net, count, device=self.device)
