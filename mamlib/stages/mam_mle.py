@@ -85,9 +85,9 @@ class MarginalObjective:
             if self.cfg.onpolicy_init == "regenerated":  # data rows with the last n ~ U{1..D} steps of a random order re-drawn
                 dim = self.samples.shape[1]
                 redrawn = torch.randint(1, dim + 1, (count, 1), generator=generator)
-                keep = (random_order(count, dim, generator=generator) < dim - redrawn).to(self.device)
+                order = random_order(count, dim, generator=generator).to(self.device)  # kept positions come first
                 self.net.eval()
-                self.samples = arm.sample(self.net, self.samples, keep)
+                self.samples = arm.sample(self.net, self.samples, order < dim - redrawn.to(self.device), order=order)
                 self.net.train()
         else:  # full ancestral samples from the conditionals
             self.net.eval()
