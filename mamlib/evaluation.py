@@ -85,7 +85,23 @@ def correlation_summary(reference, candidate) -> dict:
         spearman = float(spearmanr(candidate, reference).statistic)
         pearson = float(pearsonr(candidate, reference).statistic)
     mean_abs_error = float(np.mean(np.abs(reference - candidate))) if count else math.nan
-    return {"spearman": spearman, "pearson": pearson, "mean_abs_error": mean_abs_error, "n": count}
+    return {"spearman": spearman, "pearson": pearson, "mean_abs_error": mean_abs_error, "n": count,
+            "spearman_ci95": correlation_interval(spearman, count, rank=True),
+            "pearson_ci95": correlation_interval(pearson, count)}
+
+
+def correlation_interval(value: float, count: int, rank: bool = False) -> list[float]:
+    """Approximate 95 % interval of a correlation from ``count`` pairs (Fisher z; Bonett-Wright variance for ranks).
+
+    Twelve pooled points leave an interval about 0.5 wide around 0.8: say so next to the figure. NaN when undefined
+    (n < 4 or the correlation is NaN).
+    """
+    if count < 4 or not math.isfinite(value):
+        return [math.nan, math.nan]
+    clipped = min(max(value, -0.999999), 0.999999)
+    variance = (1.0 + clipped ** 2 / 2.0) / (count - 3) if rank else 1.0 / (count - 3)
+    centre, half = math.atanh(clipped), 1.959964 * math.sqrt(variance)
+    return [math.tanh(centre - half), math.tanh(centre + half)]
 
 
 def aggregate_correlations(groups, threshold: float) -> dict:
