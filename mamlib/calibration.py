@@ -25,11 +25,15 @@ def random_observed_masks(num_rows: int, num_positions: int, fraction: float, ge
 
 
 def gap_summary(marginal, reference) -> dict:
-    """Signed mean and mean absolute difference marginal - reference (nats), and the count."""
+    """Signed mean and mean absolute difference marginal - reference (nats), the count, and the signed mean's standard
+    error over the examples (NaN below 2): the network's error differs from image to image, so a handful of examples
+    gives the mean only roughly."""
     difference = np.asarray(marginal, dtype=np.float64) - np.asarray(reference, dtype=np.float64)
     if difference.size == 0:
-        return {"gap_nats": math.nan, "abs_gap_nats": math.nan, "n": 0}
-    return {"gap_nats": float(difference.mean()), "abs_gap_nats": float(np.abs(difference).mean()), "n": int(difference.size)}
+        return {"gap_nats": math.nan, "abs_gap_nats": math.nan, "n": 0, "gap_se_nats": math.nan}
+    spread = float(difference.std(ddof=1) / math.sqrt(difference.size)) if difference.size > 1 else math.nan
+    return {"gap_nats": float(difference.mean()), "abs_gap_nats": float(np.abs(difference).mean()), "n": int(difference.size),
+            "gap_se_nats": spread}
 
 
 def fraction_label(fraction: float) -> str:

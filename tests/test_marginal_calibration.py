@@ -208,7 +208,9 @@ def test_regenerated_groups_have_nested_censor_sets_and_keep_the_observed_values
 
 
 def test_calibration_summaries_on_known_values():
-    assert gap_summary([1.0, -3.0], [0.0, 0.0]) == {"gap_nats": -1.0, "abs_gap_nats": 2.0, "n": 2}
+    # differences 1 and -3: mean -1, sample std 2 * sqrt(2), standard error 2 * sqrt(2) / sqrt(2) = 2
+    assert gap_summary([1.0, -3.0], [0.0, 0.0]) == {"gap_nats": -1.0, "abs_gap_nats": 2.0, "n": 2, "gap_se_nats": 2.0}
+    assert math.isnan(gap_summary([1.0], [0.0])["gap_se_nats"])
     summary = group_error_summary([(np.zeros(3), np.array([1.0, 2.0, 3.0])), (np.zeros(2), np.array([-1.0, -1.0]))])
     assert summary["error_mean_nats"] == pytest.approx(0.5) and summary["error_var_nats2"] == pytest.approx(1 / 3)
     masks = random_observed_masks(50, 8, 0.25, torch.Generator().manual_seed(0))

@@ -5,6 +5,7 @@ Modes: train, eval (paper-style table), generate (unconditional + conditional), 
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 import torch
@@ -300,8 +301,8 @@ def evaluate(exp: Experiment, dataset) -> dict:
             real = group_sets["real"]["correlations"].get(model, {"spearman": 1.0, "pearson": 1.0})
             row.update({"spearman (real chunks)": real["spearman"], "pearson (real chunks)": real["pearson"]})
         table.append(row)
-    calibration_rows = [{"set": name, "gap (nats)": s["gap_nats"], "|gap| (nats)": s["abs_gap_nats"], "n": s["n"]}
-                        for name, s in calibration.items()]
+    calibration_rows = [{"set": name, "gap (nats)": s["gap_nats"], "gap std error": s.get("gap_se_nats", math.nan),
+                         "|gap| (nats)": s["abs_gap_nats"], "n": s["n"]} for name, s in calibration.items()]
     mam_quality = main_groups["correlations"]["MaM"]
     results = {"dataset": dataset.name, "num_test_examples": len(rows), "num_groups": len(main_groups["reference"]),
                "orders": cfg.eval.mc_ll, "threshold": cfg.eval.threshold, "table": table,
@@ -315,7 +316,7 @@ def evaluate(exp: Experiment, dataset) -> dict:
                "speedup_vs_AO-ARM-E": timings["AO-ARM-E"]["median"] / timings["MaM"]["median"], "timing_batch": len(timing_batch)}
     columns = list(table[0].keys())
     write_report(table, columns, exp.run_dir, stem="results", extra_tables={
-        "Calibration: marginal network f(x_S) - f(empty) minus AO-ARM-E log p(x_S)": (calibration_rows, ["set", "gap (nats)", "|gap| (nats)", "n"])})
+        "Calibration: marginal network f(x_S) - f(empty) minus AO-ARM-E log p(x_S)": (calibration_rows, ["set", "gap (nats)", "gap std error", "|gap| (nats)", "n"])})
     exp.write_json("metrics.json", results)
     pooled = main_groups["pooled"]
     save_scatter(np.concatenate(main_groups["reference"]), np.concatenate(main_groups["marginal"]), exp.run_dir / "scatter_mam_vs_aoarm_e.png",
