@@ -69,10 +69,10 @@ def main() -> None:
         pooled_line(results['pooled_marginal_vs_ensemble']), "",
         "## Calibration of the marginal network", "",
         f"On full test images the marginal network's log-likelihood f(x) - f(empty) is {results['marginal_gap_nats']:+.2f} nats "
-        f"(standard error {results['calibration']['full test'].get('gap_se_nats', float('nan')):.2f} over "
-        f"{results['calibration']['full test']['n']} images: its error differs from image to image) "
-        f"from AO-ARM-E's on average (mean absolute difference {results['marginal_abs_gap_nats']:.2f} nats; the table above "
-        "has the random-subset and regenerated-group values).", "",
+        f"from AO-ARM-E's on average (standard error {results['calibration']['full test'].get('gap_se_nats', float('nan')):.2f} "
+        f"over {results['calibration']['full test']['n']} images: its error differs from image to image; mean absolute "
+        f"difference {results['marginal_abs_gap_nats']:.2f} nats; the table above has the random-subset and "
+        "regenerated-group values).", "",
         *([f"The gap during stage-2 training (fixed validation images, AO-ARM-E computed once): "
            f"![]({rel(stage2 / 'marginal_gap_curve.png')})", ""] if gap_keys else []),
         "## Samples", "",
