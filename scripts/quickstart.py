@@ -17,10 +17,9 @@ OUT = ROOT / "outputs" / "quickstart"
 
 def pooled_line(pooled: dict) -> str:
     """The pooled correlations with their 95 % intervals: a dozen points leave them wide."""
-    spans = {name: pooled.get(f"{name}_ci95", [float("nan")] * 2) for name in ("spearman", "pearson")}
+    (s_low, s_high), (p_low, p_high) = pooled["spearman_ci95"], pooled["pearson_ci95"]
     return (f"Pooled over all {pooled['n']} variants: spearman {pooled['spearman']:.3f} (95 % interval "
-            f"{spans['spearman'][0]:.2f} to {spans['spearman'][1]:.2f}), pearson {pooled['pearson']:.3f} "
-            f"({spans['pearson'][0]:.2f} to {spans['pearson'][1]:.2f}).")
+            f"{s_low:.2f} to {s_high:.2f}), pearson {pooled['pearson']:.3f} ({p_low:.2f} to {p_high:.2f}).")
 
 
 def run(stage: str, run_dir: Path, *overrides: str) -> float:
@@ -69,7 +68,7 @@ def main() -> None:
         pooled_line(results['pooled_marginal_vs_ensemble']), "",
         "## Calibration of the marginal network", "",
         f"On full test images the marginal network's log-likelihood f(x) - f(empty) is {results['marginal_gap_nats']:+.2f} nats "
-        f"from AO-ARM-E's on average (standard error {results['calibration']['full test'].get('gap_se_nats', float('nan')):.2f} "
+        f"from AO-ARM-E's on average (standard error {results['calibration']['full test']['gap_se_nats']:.2f} "
         f"over {results['calibration']['full test']['n']} images: its error differs from image to image; mean absolute "
         f"difference {results['marginal_abs_gap_nats']:.2f} nats; the table above has the random-subset and "
         "regenerated-group values).", "",

@@ -5,7 +5,6 @@ Modes: train, eval (paper-style table), generate (unconditional + conditional), 
 from __future__ import annotations
 
 import logging
-import math
 
 import numpy as np
 import torch
@@ -301,7 +300,7 @@ def evaluate(exp: Experiment, dataset) -> dict:
             real = group_sets["real"]["correlations"].get(model, {"spearman": 1.0, "pearson": 1.0})
             row.update({"spearman (real chunks)": real["spearman"], "pearson (real chunks)": real["pearson"]})
         table.append(row)
-    calibration_rows = [{"set": name, "gap (nats)": s["gap_nats"], "gap std error": s.get("gap_se_nats", math.nan),
+    calibration_rows = [{"set": name, "gap (nats)": s["gap_nats"], "gap std error": s["gap_se_nats"],
                          "|gap| (nats)": s["abs_gap_nats"], "n": s["n"]} for name, s in calibration.items()]
     mam_quality = main_groups["correlations"]["MaM"]
     results = {"dataset": dataset.name, "num_test_examples": len(rows), "num_groups": len(main_groups["reference"]),
