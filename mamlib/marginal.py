@@ -41,7 +41,8 @@ def normalized_log_marginal(net, x, observed_mask, log_normalizer: float | None 
 
 
 def self_consistency_terms(net, x, order=None, generator=None, all_values: bool = False,
-                           conditional_grad: bool = True, extra_rows: tuple | None = None) -> dict:
+                           conditional_grad: bool = True, extra_rows: tuple | None = None, span: int = 1,
+                           prefix_grad: bool = True) -> dict:
     """One sampled constraint per row, f(empty), and f on the extended prefix (reused by the anchor term).
 
     With d ~ U{1..D}: residual = f(x_sigma(<d)) + log p_phi(x_sigma(d) | x_sigma(<d)) - f(x_sigma(<=d)).
@@ -55,7 +56,17 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
     ``conditional_grad=False`` stops the gradient into the conditionals: only f is fitted to them.
     ``extra_rows``: (x, observed_mask) of other rows whose raw f is wanted (key ``f_extra``), in the same marginal pass:
     one pass fewer for the energy-based KL objective (f on complete rows) and the trajectory anchor (f on its prefixes).
+    ``span`` = k > 1: the constraint telescopes over k consecutive steps of the order,
+    f(x_sigma(<d)) + sum_{j<k} log p_phi(x_sigma(d+j) | x_sigma(<d+j)) = f(x_sigma(<d+k)), d ~ U{1..D-k+1}: k times the
+    distance per constraint, with the k conditionals in one batched pass (see :func:`span_terms`).
+    ``prefix_grad=False``: f on the shorter prefix is a fixed target (no gradient), as in TD learning: the level set by
+    f(empty) then flows outward to larger sets instead of both ends of every constraint moving toward each other.
     """
+    if span > 1:
+        if all_values:
+            raise ValueError("consistency_span > 1 needs consistency_values=sampled")
+        return span_terms(net, x, span, order=order, generator=generator, conditional_grad=conditional_grad,
+                          extra_rows=extra_rows, prefix_grad=prefix_grad)
     batch, dim = x.shape
     if order is None:  # the same distribution without sorting
         prefix_mask, position = random_prefix(batch, dim, device=x.device, generator=generator)
@@ -66,6 +77,8 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
     extended_mask = prefix_mask.clone()
     extended_mask[rows, position] = True
     f_prefix, logits = net(x, prefix_mask, need_logits=True, need_marginal=True, positions=position)
+    if not prefix_grad:
+        f_prefix = f_prefix.detach()
     if not conditional_grad:
         logits = logits.detach()
     empty_x, empty_mask = empty_like_rows(x)
@@ -92,6 +105,39 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
     return {"residual": residuals[rows, own_value],
             "squared_residual": (log_probs.detach().exp() * residuals.pow(2)).sum(1),
             "f_empty": f_rest[-1], "f_extended": f_values[rows, own_value], "extended_mask": extended_mask, **extra}
+
+
+def span_terms(net, x, span: int, order=None, generator=None, conditional_grad: bool = True,
+               extra_rows: tuple | None = None, prefix_grad: bool = True) -> dict:
+    """The k-step constraint of :func:`self_consistency_terms`. Two passes: the k prefixes of every row with the
+    conditional head only (k * B rows, one position each), and [prefixes; extended prefixes; ``extra_rows``; empty]
+    with the marginal head only. ``squared_residual`` is divided by k, so that the D-weighted loss keeps the scale of
+    the one-step one (k independent step errors add k times the variance)."""
+    batch, dim = x.shape
+    if not 1 <= span <= dim:
+        raise ValueError(f"consistency_span={span} must be between 1 and the number of positions D={dim}")
+    if order is None:
+        order = random_order(batch, dim, device=x.device, generator=generator)
+    start = torch.randint(0, dim - span + 1, (batch,), device=x.device, generator=generator)
+    steps = start.repeat(span) + torch.arange(span, device=x.device).repeat_interleave(batch)  # row j * B + b
+    order_rep, x_rep = order.repeat(span, 1), x.repeat(span, 1)
+    positions = index_at(order_rep, steps)
+    with torch.set_grad_enabled(conditional_grad and torch.is_grad_enabled()):
+        logits = net(x_rep, observed_before(order_rep, steps), need_logits=True, need_marginal=False,
+                     positions=positions)[1]
+    span_log_prob = value_log_prob(logits, x_rep, positions).view(span, batch).sum(0)
+    prefix_mask, extended_mask = observed_before(order, start), observed_before(order, start + span)
+    empty_x, empty_mask = empty_like_rows(x)
+    more_x, more_mask = ([extra_rows[0]], [extra_rows[1]]) if extra_rows is not None else ([], [])
+    f_all = log_marginal(net, torch.cat([x, x, *more_x, empty_x]),
+                         torch.cat([prefix_mask, extended_mask, *more_mask, empty_mask])).float()
+    f_prefix, f_extended = f_all[:batch], f_all[batch:2 * batch]
+    if not prefix_grad:
+        f_prefix = f_prefix.detach()
+    residual = f_prefix + span_log_prob - f_extended
+    extra = {"f_extra": f_all[2 * batch:-1]} if extra_rows is not None else {}
+    return {"residual": residual, "squared_residual": residual.pow(2) / span, "f_empty": f_all[-1],
+            "f_extended": f_extended, "extended_mask": extended_mask, **extra}
 
 
 def self_consistency_residual(net, x, order=None, generator=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -172,7 +218,7 @@ class TrajectoryAnchor:
 
 def self_consistency_loss(net, x, log_z: float | torch.Tensor = 0.0, order=None, generator=None,
                           anchor_weight: float = 0.0, anchor_draws: int = 1, all_values: bool = False,
-                          trajectories: TrajectoryAnchor | None = None):
+                          trajectories: TrajectoryAnchor | None = None, span: int = 1, prefix_grad: bool = True):
     """D * mean(residual^2) + (f(empty) - log_z)^2 [+ anchor_weight * mean((f(S) - f(empty) - anchor)^2) / D].
 
     The anchor term regresses the normalised marginal of the extended prefix S on :func:`anchor_target`; its
@@ -185,7 +231,8 @@ def self_consistency_loss(net, x, log_z: float | torch.Tensor = 0.0, order=None,
     anchor_rows = None
     if anchor_weight > 0 and trajectories is not None:
         *anchor_rows, anchor_values = trajectories.draw(x.shape[0], device=x.device, generator=generator)
-    terms = self_consistency_terms(net, x, order=order, generator=generator, all_values=all_values, extra_rows=anchor_rows)
+    terms = self_consistency_terms(net, x, order=order, generator=generator, all_values=all_values, extra_rows=anchor_rows,
+                                   span=span, prefix_grad=prefix_grad)
     consistency = terms["squared_residual"].mean()
     normalizer = (terms["f_empty"] - log_z).pow(2)
     loss = x.shape[1] * consistency + normalizer

@@ -282,8 +282,8 @@ class Trainer:
                         continue
                     micro = 0
                     lr_factor = self.learning_rate_factor(total, deadline, budget_seconds)
-                    running["grad_norm"] += self.optimizer_step(lr_factor) * running["_count"]
-                    running["lr_factor"] += lr_factor * running["_count"]
+                    running["grad_norm"] += self.optimizer_step(lr_factor) * self.accumulation  # per micro-batch, as the losses
+                    running["lr_factor"] += lr_factor * self.accumulation
                     bar.update(1)
                     if self.step % log_every == 0 or self.step == total:
                         count = running.pop("_count")

@@ -212,6 +212,53 @@ def test_all_values_consistency_is_the_expectation_of_the_sampled_one():
     assert parts["consistency"] < 1e-10
 
 
+@pytest.mark.parametrize("span", [2, 3, D])
+def test_span_residual_telescopes_the_chain_rule_over_k_steps(span):
+    # consistency_span=k: residual = f(x_sigma(<d)) + [log p_sigma(x_sigma(<d+k)) - log p_sigma(x_sigma(<d))] - f(x_sigma(<d+k)),
+    # checked against a full chain rule along the same order at the replayed start d (span = D: the whole sequence)
+    torch.manual_seed(6)
+    net = MLPPair(K, D, hidden=16, num_layers=2, marginal=True)
+    x, order = torch.randint(0, K, (9, D)), random_order(9, D)
+    terms = self_consistency_terms(net, x, order=order, generator=torch.Generator().manual_seed(5), span=span)
+    start = torch.randint(0, D - span + 1, (9,), generator=torch.Generator().manual_seed(5))
+    prefix_log_probs = arm.chain_rule_prefix_log_probs(net, x, order)
+    rows = torch.arange(9)
+    chain = (prefix_log_probs[rows, start + span] - prefix_log_probs[rows, start]).float()
+    prefix_mask, extended_mask = order < start.unsqueeze(1), order < (start + span).unsqueeze(1)
+    expected = log_marginal(net, x, prefix_mask) + chain - log_marginal(net, x, extended_mask)
+    assert expected.abs().min() > 1e-3  # an untrained pair is inconsistent, so the comparison is not 0 == 0
+    assert torch.allclose(terms["residual"], expected, atol=1e-4)
+    assert torch.equal(terms["extended_mask"], extended_mask)
+    assert torch.allclose(terms["squared_residual"], expected.pow(2) / span, atol=1e-4)
+    if span == D:
+        assert torch.equal(start, torch.zeros(9, dtype=torch.long))
+    exact = BruteForceNet(chain_log_joint(D, K, seed=5), D, K)
+    _, parts = self_consistency_loss(exact, x, span=span)
+    assert parts["consistency"] < 1e-10
+    with pytest.raises(ValueError, match="consistency_span"):
+        self_consistency_terms(net, x, span=D + 1)
+
+
+@pytest.mark.parametrize("span", [1, 3])
+def test_prefix_without_gradient_leaves_only_the_extended_set_to_move(span):
+    # consistency_gradient=extended: same residual, but its gradient is that of -f(extended prefix) alone
+    torch.manual_seed(8)
+    net = MLPPair(K, D, hidden=16, num_layers=2, marginal=True)
+    x, order = torch.randint(0, K, (9, D)), random_order(9, D)
+    both = self_consistency_terms(net, x, order=order, generator=torch.Generator().manual_seed(5), span=span,
+                                  conditional_grad=False)
+    fixed = self_consistency_terms(net, x, order=order, generator=torch.Generator().manual_seed(5), span=span,
+                                   conditional_grad=False, prefix_grad=False)
+    assert torch.allclose(both["residual"], fixed["residual"])
+    grads = []
+    for residual in (fixed["residual"].sum(), -log_marginal(net, x, fixed["extended_mask"]).sum(), both["residual"].sum()):
+        net.zero_grad()
+        residual.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-5)
+    assert not torch.allclose(grads[0], grads[2], atol=1e-3)  # with the prefix's gradient it differs
+
+
 @pytest.mark.parametrize("all_values", [False, True])
 def test_extra_rows_ride_in_the_consistency_pass_without_changing_it(all_values):
     # extra_rows appends other rows (complete rows for the energy KL, anchor prefixes) to the marginal pass: f_extra is

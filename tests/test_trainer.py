@@ -28,11 +28,11 @@ class ListLogger:
         self.records.append((step, metrics))
 
 
-def make_trainer(run_dir, max_steps, seed_for_init=0, ema_decay=None):
+def make_trainer(run_dir, max_steps, seed_for_init=0, ema_decay=None, log_every=1):
     seed_everything(seed_for_init)
     net = Transformer(3, 6, d_model=16, num_layers=1, num_heads=2, mlp_dim=32)
     cfg = OmegaConf.create({"n_epochs": 10, "max_steps": max_steps, "batch_size": 8, "effective_batch": 16, "clip": 1.0,
-                            "log_every": 1, "checkpoint_every": 2, "ema_decay": ema_decay})
+                            "log_every": log_every, "checkpoint_every": 2, "ema_decay": ema_decay})
     logger = ListLogger()
     trainer = Trainer(train_cfg=cfg, model=net, objective=AOARMObjective(net), optimizer=torch.optim.Adam(net.parameters(), 1e-2),
                       batches=lambda epoch, start: epoch_batches(DATA, 8, epoch, 0, start_batch=start),
@@ -105,6 +105,21 @@ def test_two_cpu_processes_end_with_identical_parameters(tmp_path):
     assert torch.equal(rank0["broadcast"], rank1["broadcast"])      # ...made identical by the broadcast
     assert torch.equal(rank0["final"], rank1["final"])              # and kept identical by gradient averaging
     assert not torch.allclose(rank0["final"], rank0["broadcast"])   # training did move them
+
+
+def test_logged_gradient_norm_is_the_mean_over_the_logged_steps(tmp_path):
+    """train/grad_norm (and train/lr_factor) average the optimizer steps since the last log, whatever the number of
+    steps per log and of micro-batches per step (here 3 steps of 2 micro-batches each between logs)."""
+    trainer, logger = make_trainer(tmp_path, max_steps=6, log_every=3)
+    assert trainer.accumulation == 2
+    norms, step_of_optimizer = [], trainer.optimizer_step
+    trainer.optimizer_step = lambda lr_factor=1.0: norms.append(step_of_optimizer(lr_factor)) or norms[-1]
+    trainer.fit()
+    logged = {step: metrics["train/grad_norm"] for step, metrics in logger.records if "train/grad_norm" in metrics}
+    assert sorted(logged) == [3, 6] and len(set(norms)) > 1
+    for step in (3, 6):
+        assert logged[step] == pytest.approx(sum(norms[step - 3:step]) / 3, rel=1e-6)
+    assert all(metrics["train/lr_factor"] == pytest.approx(1.0) for _, metrics in logger.records if "train/lr_factor" in metrics)
 
 
 def test_best_checkpoint_follows_the_lowest_evaluation(tmp_path):

@@ -101,7 +101,9 @@ class MarginalObjective:
             x = torch.cat([batch, self.samples])
         loss, parts = self_consistency_loss(self.net, x, log_z=0.0, anchor_weight=self.cfg.anchor_weight,
                                             anchor_draws=self.cfg.anchor_draws, trajectories=self.trajectories,
-                                            all_values=self.cfg.get("consistency_values", "sampled") == "all")
+                                            all_values=self.cfg.get("consistency_values", "sampled") == "all",
+                                            span=self.cfg.get("consistency_span", 1),
+                                            prefix_grad=self.cfg.get("consistency_gradient", "both") == "both")
         return loss, parts
 
     def state_dict(self) -> dict:
