@@ -80,7 +80,7 @@ FIELDS: dict[str, Field] = {
     "string_type": Field(str), "load_full": Field(bool), "dataset.max_len": at_least(1, null=True),
     "ising_model.dim": at_least(2), "ising_model.width": at_least(1, null=True), "ising_model.sigma": Field(float),
     "ising_model.bias": Field(float), "ising_model.n_samples": at_least(1), "ising_model.gt_steps": at_least(0),
-    "anchor_weight": at_least(0, float), "anchor_draws": at_least(1), "anchor_trajectories": at_least(0), "consistency_values": one_of("sampled", "all"), "consistency_span": at_least(1), "consistency_gradient": one_of("both", "extended"),
+    "anchor_weight": at_least(0, float), "anchor_draws": at_least(1), "anchor_trajectories": at_least(0), "consistency_values": one_of("sampled", "all"), "consistency_span": at_least(1), "consistency_gradient": one_of("both", "extended"), "step_surprise_share": Field(float, 0, below=1.0),
     "arch.marginal_head": one_of("pooled", "sum"),
     "train.lr_schedule": one_of("constant", "cosine"), "train.warmup_steps": at_least(0), "train.eval_at_start": Field(bool),
     "train.ema_decay": Field(float, 0, null=True, below=1.0),

@@ -42,7 +42,7 @@ def normalized_log_marginal(net, x, observed_mask, log_normalizer: float | None 
 
 def self_consistency_terms(net, x, order=None, generator=None, all_values: bool = False,
                            conditional_grad: bool = True, extra_rows: tuple | None = None, span: int = 1,
-                           prefix_grad: bool = True) -> dict:
+                           prefix_grad: bool = True, surprise_share: float = 0.0) -> dict:
     """One sampled constraint per row, f(empty), and f on the extended prefix (reused by the anchor term).
 
     With d ~ U{1..D}: residual = f(x_sigma(<d)) + log p_phi(x_sigma(d) | x_sigma(<d)) - f(x_sigma(<=d)).
@@ -61,10 +61,15 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
     distance per constraint, with the k conditionals in one batched pass (see :func:`span_terms`).
     ``prefix_grad=False``: f on the shorter prefix is a fixed target (no gradient), as in TD learning: the level set by
     f(empty) then flows outward to larger sets instead of both ends of every constraint moving toward each other.
+    ``surprise_share`` = a in (0, 1): given the prefix, the next position is drawn from :func:`surprise_proposal`
+    (a share a in proportion to -log p_phi(x_j | prefix), the rest uniform) instead of uniformly, and each squared
+    residual is weighted by uniform / proposal probability: the same expected loss, with more of the draws on the
+    steps whose conditional is far from certain, where f has something to learn (one pass gives every position's
+    conditional, so the draw costs no extra pass).
     """
     if span > 1:
-        if all_values:
-            raise ValueError("consistency_span > 1 needs consistency_values=sampled")
+        if all_values or surprise_share:
+            raise ValueError("consistency_span > 1 needs consistency_values=sampled and step_surprise_share=0")
         return span_terms(net, x, span, order=order, generator=generator, conditional_grad=conditional_grad,
                           extra_rows=extra_rows, prefix_grad=prefix_grad)
     batch, dim = x.shape
@@ -76,7 +81,19 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
     rows = torch.arange(batch, device=x.device)
     extended_mask = prefix_mask.clone()
     extended_mask[rows, position] = True
-    f_prefix, logits = net(x, prefix_mask, need_logits=True, need_marginal=True, positions=position)
+    weight = None
+    if surprise_share:
+        if all_values:
+            raise ValueError("step_surprise_share > 0 needs consistency_values=sampled")
+        f_prefix, all_logits = net(x, prefix_mask, need_logits=True, need_marginal=True)
+        surprise = -value_log_probs(torch.log_softmax(all_logits.detach().float(), dim=-1), x)
+        proposal = surprise_proposal(surprise, ~prefix_mask, surprise_share)
+        position = torch.multinomial(proposal, 1, generator=generator).squeeze(1)
+        rows = torch.arange(batch, device=x.device)
+        weight = 1.0 / ((~prefix_mask).sum(1).float() * proposal[rows, position])
+        logits = all_logits[rows, position]
+    else:
+        f_prefix, logits = net(x, prefix_mask, need_logits=True, need_marginal=True, positions=position)
     if not prefix_grad:
         f_prefix = f_prefix.detach()
     if not conditional_grad:
@@ -96,7 +113,8 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
     extra = {"f_extra": f_rest[len(extended_x):-1]} if extra_rows is not None else {}
     if not all_values:
         residual = f_prefix.float() + value_log_prob(logits, x, position) - f_extended
-        return {"residual": residual, "squared_residual": residual.pow(2), "f_empty": f_rest[-1],
+        squared = residual.pow(2) if weight is None else weight * residual.pow(2)
+        return {"residual": residual, "squared_residual": squared, "f_empty": f_rest[-1],
                 "f_extended": f_extended, "extended_mask": extended_mask, **extra}
     f_values = f_extended.view(num_classes, batch).t()  # (B, K): f(x_sigma(<d), x_sigma(d) = k)
     log_probs = torch.log_softmax(logits.float(), dim=-1)
@@ -105,6 +123,20 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
     return {"residual": residuals[rows, own_value],
             "squared_residual": (log_probs.detach().exp() * residuals.pow(2)).sum(1),
             "f_empty": f_rest[-1], "f_extended": f_values[rows, own_value], "extended_mask": extended_mask, **extra}
+
+
+def surprise_proposal(surprise: torch.Tensor, remaining: torch.Tensor, share: float) -> torch.Tensor:
+    """(B, D) probabilities of the next position: over the ``remaining`` positions, ``share`` in proportion to
+    ``surprise`` (-log p of the row's value, >= 0) and 1 - share uniform; uniform alone where the surprise is all 0.
+    The uniform part bounds every importance weight by 1 / (1 - share)."""
+    if not 0.0 < share < 1.0:  # share 1 would never draw a certain step, whose residual still counts: biased
+        raise ValueError(f"step_surprise_share={share} must be in [0, 1): 0 turns the surprise draw off")
+    remaining = remaining.float()
+    uniform = remaining / remaining.sum(1, keepdim=True)
+    surprise = surprise.clamp(min=0.0) * remaining
+    total = surprise.sum(1, keepdim=True)
+    proportional = torch.where(total > 0, surprise / total.clamp(min=1e-30), uniform)
+    return share * proportional + (1.0 - share) * uniform
 
 
 def span_terms(net, x, span: int, order=None, generator=None, conditional_grad: bool = True,
@@ -218,7 +250,8 @@ class TrajectoryAnchor:
 
 def self_consistency_loss(net, x, log_z: float | torch.Tensor = 0.0, order=None, generator=None,
                           anchor_weight: float = 0.0, anchor_draws: int = 1, all_values: bool = False,
-                          trajectories: TrajectoryAnchor | None = None, span: int = 1, prefix_grad: bool = True):
+                          trajectories: TrajectoryAnchor | None = None, span: int = 1, prefix_grad: bool = True,
+                          surprise_share: float = 0.0):
     """D * mean(residual^2) + (f(empty) - log_z)^2 [+ anchor_weight * mean((f(S) - f(empty) - anchor)^2) / D].
 
     The anchor term regresses the normalised marginal of the extended prefix S on :func:`anchor_target`; its
@@ -232,7 +265,7 @@ def self_consistency_loss(net, x, log_z: float | torch.Tensor = 0.0, order=None,
     if anchor_weight > 0 and trajectories is not None:
         *anchor_rows, anchor_values = trajectories.draw(x.shape[0], device=x.device, generator=generator)
     terms = self_consistency_terms(net, x, order=order, generator=generator, all_values=all_values, extra_rows=anchor_rows,
-                                   span=span, prefix_grad=prefix_grad)
+                                   span=span, prefix_grad=prefix_grad, surprise_share=surprise_share)
     consistency = terms["squared_residual"].mean()
     normalizer = (terms["f_empty"] - log_z).pow(2)
     loss = x.shape[1] * consistency + normalizer

@@ -8,7 +8,7 @@ from scipy import stats
 
 from mamlib import arm
 from mamlib.marginal import (log_marginal, normalized_log_marginal, self_consistency_loss, self_consistency_residual,
-                             self_consistency_terms)
+                             self_consistency_terms, surprise_proposal)
 from mamlib.nets import MLPPair, Transformer
 from mamlib.orders import (fixed_order, from_missing_coded, index_at, order_observed_first, random_last_steps,
                            random_order, random_prefix, to_missing_coded)
@@ -257,6 +257,34 @@ def test_prefix_without_gradient_leaves_only_the_extended_set_to_move(span):
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
     assert not torch.allclose(grads[0], grads[2], atol=1e-3)  # with the prefix's gradient it differs
+
+
+def test_surprise_proposal_mixes_surprise_and_uniform_over_the_remaining_positions():
+    surprise = torch.tensor([[0.0, 3.0, 1.0, 9.0], [0.0, 0.0, 0.0, 0.0]])
+    remaining = torch.tensor([[True, True, True, False], [True, False, True, True]])
+    proposal = surprise_proposal(surprise, remaining, 0.6)
+    assert torch.allclose(proposal[0], torch.tensor([0.4 / 3, 0.6 * 0.75 + 0.4 / 3, 0.6 * 0.25 + 0.4 / 3, 0.0]))
+    assert torch.allclose(proposal[1], torch.tensor([1 / 3, 0.0, 1 / 3, 1 / 3]))  # no surprise anywhere: uniform
+    for share in (0.0, 1.0):
+        with pytest.raises(ValueError, match="step_surprise_share"):
+            surprise_proposal(surprise, remaining, share)
+
+
+def test_surprise_weighted_steps_keep_the_expected_loss():
+    # step_surprise_share: the next position is drawn in proportion to -log p (mixed with uniform) and the squared
+    # residual importance-weighted, so over many draws the mean matches the uniform draw's (and the draws do favour
+    # surprising steps). 40,000 draws of one untrained pair's constraints; the bound is 4 standard errors.
+    torch.manual_seed(2)
+    net = MLPPair(K, D, hidden=16, num_layers=2, marginal=True)
+    x = torch.randint(0, K, (1, D)).repeat(40_000, 1)
+    with torch.no_grad():
+        uniform = self_consistency_terms(net, x, generator=torch.Generator().manual_seed(1))["squared_residual"]
+        weighted = self_consistency_terms(net, x, generator=torch.Generator().manual_seed(1),
+                                          surprise_share=0.7)["squared_residual"]
+    standard_error = (uniform.var() / len(x) + weighted.var() / len(x)).sqrt()
+    assert abs(uniform.mean() - weighted.mean()) < 4 * standard_error
+    assert standard_error < 0.1 * uniform.mean()  # the comparison has the power to see a 40 % bias
+    assert not torch.allclose(uniform, weighted)
 
 
 @pytest.mark.parametrize("all_values", [False, True])

@@ -103,7 +103,8 @@ class MarginalObjective:
                                             anchor_draws=self.cfg.anchor_draws, trajectories=self.trajectories,
                                             all_values=self.cfg.get("consistency_values", "sampled") == "all",
                                             span=self.cfg.get("consistency_span", 1),
-                                            prefix_grad=self.cfg.get("consistency_gradient", "both") == "both")
+                                            prefix_grad=self.cfg.get("consistency_gradient", "both") == "both",
+                                            surprise_share=self.cfg.get("step_surprise_share", 0.0))
         return loss, parts
 
     def state_dict(self) -> dict:
