@@ -79,21 +79,20 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
         step = torch.randint(0, dim, (batch,), device=x.device, generator=generator)  # 0-based index of sigma(d)
         prefix_mask, position = observed_before(order, step), index_at(order, step)
     rows = torch.arange(batch, device=x.device)
-    extended_mask = prefix_mask.clone()
-    extended_mask[rows, position] = True
     weight = None
-    if surprise_share:
+    if surprise_share:  # the prefix's pass gives every position's conditional: draw the step from them
         if all_values:
             raise ValueError("step_surprise_share > 0 needs consistency_values=sampled")
         f_prefix, all_logits = net(x, prefix_mask, need_logits=True, need_marginal=True)
         surprise = -value_log_probs(torch.log_softmax(all_logits.detach().float(), dim=-1), x)
         proposal = surprise_proposal(surprise, ~prefix_mask, surprise_share)
         position = torch.multinomial(proposal, 1, generator=generator).squeeze(1)
-        rows = torch.arange(batch, device=x.device)
         weight = 1.0 / ((~prefix_mask).sum(1).float() * proposal[rows, position])
         logits = all_logits[rows, position]
     else:
         f_prefix, logits = net(x, prefix_mask, need_logits=True, need_marginal=True, positions=position)
+    extended_mask = prefix_mask.clone()
+    extended_mask[rows, position] = True
     if not prefix_grad:
         f_prefix = f_prefix.detach()
     if not conditional_grad:

@@ -285,6 +285,9 @@ def test_surprise_weighted_steps_keep_the_expected_loss():
     assert abs(uniform.mean() - weighted.mean()) < 4 * standard_error
     assert standard_error < 0.1 * uniform.mean()  # the comparison has the power to see a 40 % bias
     assert not torch.allclose(uniform, weighted)
+    exact = BruteForceNet(chain_log_joint(D, K, seed=5), D, K)  # the drawn step is the one the extended set adds
+    terms = self_consistency_terms(exact, x[:200], generator=torch.Generator().manual_seed(3), surprise_share=0.7)
+    assert terms["residual"].abs().max() < 1e-5
 
 
 @pytest.mark.parametrize("all_values", [False, True])
