@@ -95,6 +95,16 @@ def test_bad_config_values_fail_in_one_line(tmp_path, override, message):
     assert message in user_error(result)
 
 
+@pytest.mark.parametrize("override, message", [
+    ("step_surprise_share=1.0", "step_surprise_share=1.0 is out of range"),
+    ("consistency_gradient=prefix", "consistency_gradient='prefix'"),
+    ("consistency_span=0", "consistency_span=0 is out of range"),
+])
+def test_bad_stage2_loss_options_fail_in_one_line(tmp_path, override, message):
+    result = run("mam/seq_main.py", tmp_path, "dataset.path=x.npy", "dataset.K=3", override)
+    assert message in user_error(result)
+
+
 def test_full_traceback_only_on_request(tmp_path):
     for env, extra in (({"HYDRA_FULL_ERROR": "1"}, []), ({}, ["debug=true"])):
         result = run("ao_arm/seq_main.py", tmp_path, "dataset.path=x.npy", "dataset.K=3", "train.lr=fast", *extra, env=env)
