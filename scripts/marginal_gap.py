@@ -4,7 +4,7 @@
         [--fractions 1.0 0.5] [--groups 4] [--data-dir data]
 
 The AO-ARM-E reference is computed once (from the first checkpoint's conditionals) on seeded test examples of the
-checkpoint's dataset and reused for every checkpoint; prints one JSON line per checkpoint. With ``--groups N`` it also
+checkpoint's dataset (``--split train``: training examples) and reused for every checkpoint; prints one JSON line per checkpoint. With ``--groups N`` it also
 ranks: N test examples masked and regenerated as in stage-2 ``eval`` (the checkpoint's ``eval.mask_steps``; images and
 text), scored once by AO-ARM-E, and every checkpoint's pooled and per-group correlations with them (``eval.threshold``).
 Used for the README ablations.
@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=0, help="regenerated test examples for correlations (0: none)")
     parser.add_argument("--cache", default=None, help=".npz for the AO-ARM-E references (made if missing, reused if present)")
     parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--split", choices=("test", "train"), default="test",
+                        help="split of the full/subset examples (train: is an offset a train/test difference?)")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
     device = torch.device("cpu")
@@ -52,7 +54,7 @@ def main() -> None:
     dataset_cfg = dict(first_config["dataset"])
     dataset_cfg["name"] = dataset_cfg["name"].lower()  # moses_SMILES -> moses_smiles, as the scripts do
     dataset = load_dataset(OmegaConf.create(dataset_cfg), args.data_dir or default_data_dir())
-    rows = sample_rows(dataset.test, args.examples, args.seed)
+    rows = sample_rows(getattr(dataset, args.split), args.examples, args.seed)
     calibration = groups = None
     for path in args.checkpoints:
         net, payload, _ = net_from_checkpoint(path, ("mam",), dataset.describe(), device,
