@@ -71,37 +71,31 @@ def crafted_pickle(path: Path, marker: Path) -> Path:
 
 # -- configuration: one line, exit 2 ---------------------------------------------------------------
 
-@pytest.mark.parametrize("override, message", [
-    ("train.max_steps=abc", "train.max_steps='abc' is not an integer"),
-    ("train.lr=fast", "train.lr='fast' is not a number"),
-    ("dataset.K=three", "dataset.K='three' is not an integer"),
-    ("train.batch_size=0", "train.batch_size=0 is out of range: it must be >= 1"),
-    ("train.batch_size=-4", "train.batch_size=-4 is out of range"),
-    ("eval.mc_ll=0", "eval.mc_ll=0 is out of range"),
-    ("score.orders=0", "score.orders=0 is out of range"),
-    ("generate.num_samples=0", "generate.num_samples=0 is out of range"),
-    ("generate.temperature=0", "generate.temperature=0 is out of range: it must be > 0"),
-    ("train.max_steps=-1", "train.max_steps=-1 is out of range"),
-    ("train.n_epochs=0", "train.n_epochs=0 is out of range"),
-    ("+trian.lr=1", "unknown key 'trian.lr'"),
+@pytest.mark.parametrize("script, override, message", [
+    ("ao_arm/seq_main.py", "train.max_steps=abc", "train.max_steps='abc' is not an integer"),
+    ("ao_arm/seq_main.py", "train.lr=fast", "train.lr='fast' is not a number"),
+    ("ao_arm/seq_main.py", "dataset.K=three", "dataset.K='three' is not an integer"),
+    ("ao_arm/seq_main.py", "train.batch_size=0", "train.batch_size=0 is out of range: it must be >= 1"),
+    ("ao_arm/seq_main.py", "train.batch_size=-4", "train.batch_size=-4 is out of range"),
+    ("ao_arm/seq_main.py", "eval.mc_ll=0", "eval.mc_ll=0 is out of range"),
+    ("ao_arm/seq_main.py", "score.orders=0", "score.orders=0 is out of range"),
+    ("ao_arm/seq_main.py", "generate.num_samples=0", "generate.num_samples=0 is out of range"),
+    ("ao_arm/seq_main.py", "generate.temperature=0", "generate.temperature=0 is out of range: it must be > 0"),
+    ("ao_arm/seq_main.py", "train.max_steps=-1", "train.max_steps=-1 is out of range"),
+    ("ao_arm/seq_main.py", "train.n_epochs=0", "train.n_epochs=0 is out of range"),
+    ("ao_arm/seq_main.py", "+trian.lr=1", "unknown key 'trian.lr'"),
     # Hydra's own composition errors, caught before Hydra runs (mamlib.cli.check_command_line)
-    ("trian.lr=1", "unknown key 'trian.lr'"),
-    ("arch=foo", "Could not find 'arch/foo' Available options in 'arch': mlp transformer unet"),
-    ("train.lr=[", "no viable alternative at input '['"),
-    ("train.lr=1e-3,1e-4", "To sweep over it, add --multirun"),
+    ("ao_arm/seq_main.py", "trian.lr=1", "unknown key 'trian.lr'"),
+    ("ao_arm/seq_main.py", "arch=foo", "Could not find 'arch/foo' Available options in 'arch': mlp transformer unet"),
+    ("ao_arm/seq_main.py", "train.lr=[", "no viable alternative at input '['"),
+    ("ao_arm/seq_main.py", "train.lr=1e-3,1e-4", "To sweep over it, add --multirun"),
+    # stage-2 loss options
+    ("mam/seq_main.py", "step_surprise_share=1.0", "step_surprise_share=1.0 is out of range"),
+    ("mam/seq_main.py", "consistency_gradient=prefix", "consistency_gradient='prefix'"),
+    ("mam/seq_main.py", "consistency_span=0", "consistency_span=0 is out of range"),
 ])
-def test_bad_config_values_fail_in_one_line(tmp_path, override, message):
-    result = run("ao_arm/seq_main.py", tmp_path, "dataset.path=x.npy", "dataset.K=3", override)
-    assert message in user_error(result)
-
-
-@pytest.mark.parametrize("override, message", [
-    ("step_surprise_share=1.0", "step_surprise_share=1.0 is out of range"),
-    ("consistency_gradient=prefix", "consistency_gradient='prefix'"),
-    ("consistency_span=0", "consistency_span=0 is out of range"),
-])
-def test_bad_stage2_loss_options_fail_in_one_line(tmp_path, override, message):
-    result = run("mam/seq_main.py", tmp_path, "dataset.path=x.npy", "dataset.K=3", override)
+def test_bad_config_values_fail_in_one_line(tmp_path, script, override, message):
+    result = run(script, tmp_path, "dataset.path=x.npy", "dataset.K=3", override)
     assert message in user_error(result)
 
 
