@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from mamlib import arm
-from mamlib.calibration import CalibrationSet, gap_summary, group_error_summary, random_observed_masks
+from mamlib.calibration import CalibrationSet, consistency_drift, gap_summary, group_error_summary, random_observed_masks
 from mamlib.evaluation import aggregate_correlations
 from mamlib.marginal import TrajectoryAnchor, anchor_target, normalized_log_marginal, self_consistency_loss
 from mamlib.nets import MLPPair, Transformer
@@ -241,3 +241,19 @@ def test_calibration_set_is_exact_for_exact_marginals():
     assert shifted["full"]["gap_nats"] == pytest.approx(1.0, abs=1e-6)
     assert shifted["observed_50"]["gap_nats"] == pytest.approx(0.5, abs=1e-6)
     assert normalized_log_marginal(net, rows, torch.ones_like(rows, dtype=torch.bool)).shape == (6,)
+    # the reference-free drift sees the same: 0 for exact marginals, +1 nat (every step's residual -1/D) when shifted
+    exact_drift = consistency_drift(net, rows, batch_size=4, device="cpu")
+    assert abs(exact_drift["drift_nats"]) < 1e-5 and exact_drift["n"] == 6
+    assert consistency_drift(Shifted(log_joint, D, K), rows, batch_size=4, device="cpu")["drift_nats"] == pytest.approx(1.0, abs=1e-5)
+
+
+@torch.no_grad()
+def test_consistency_drift_estimates_the_gap_to_the_order_averaged_chain_rule():
+    net = small_transformer(seed=8, marginal=True)  # untrained: f is far from any chain rule, and the orders disagree
+    x = torch.tensor([[2, 0, 1, 1], [0, 0, 2, 1]])
+    ones = torch.ones_like(x, dtype=torch.bool)
+    exact = (normalized_log_marginal(net, x, ones) - order_average_log_prob(net, x).double()).mean().item()
+    drift = consistency_drift(net, x.repeat(20000, 1), batch_size=5000, device="cpu", generator=torch.Generator().manual_seed(0))
+    assert abs(exact) > 0.5  # a level far from zero, so the check is not trivially passed by an estimate near 0
+    assert drift["drift_nats"] == pytest.approx(exact, abs=4 * drift["drift_se_nats"]), (drift, exact)
+    assert drift["drift_se_nats"] < 0.1 * abs(exact)

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from .. import arm
 from ..checkpoint import CheckpointError
-from ..calibration import CalibrationSet, flat_gap_metrics, gap_summary, group_error_summary
+from ..calibration import CalibrationSet, consistency_drift, flat_gap_metrics, gap_summary, group_error_summary
 from ..evaluation import aggregate_correlations, bits_per_dim, correlation_summary, time_callable, write_report
 from ..experiment import Experiment, batched, make_optimizer
 from ..files import atomic_write, save_npz_atomic, write_text_atomic
@@ -163,14 +163,15 @@ def sample_rows(split, count, seed: int) -> torch.Tensor:
 
 
 def ensemble_and_single_order(net, rows, mask, orders: int, batch_size: int, device, steps_per_pass: int = 1):
-    """AO-ARM-E (``orders`` random orders, log-mean-exp) and AO-ARM-S along one more, independent random order.
+    """AO-ARM-E (``orders`` random orders, log-mean-exp), AO-ARM-S along one more, independent random order, and the
+    mean of E's per-order values (an estimate of E_sigma log p_sigma, the self-consistency loss's fixed point).
 
     S must not reuse one of E's orders: a shared order is one of E's terms and inflates their agreement.
     """
     mask = torch.ones_like(rows, dtype=torch.bool) if mask is None else mask
     per_order = batched(lambda x, m: arm.per_order_log_probs(net, x, orders + 1, m, steps_per_pass).T,
                         rows, mask, batch_size, device, desc="chain rule").T
-    return arm.combine_orders(per_order[:-1]), per_order[-1]
+    return arm.combine_orders(per_order[:-1]), per_order[-1], per_order[:-1].mean(0)
 
 
 def regenerated_groups(exp: Experiment, net, rows: torch.Tensor) -> list[dict]:
@@ -204,7 +205,7 @@ def score_groups(exp: Experiment, net, groups: list[torch.Tensor], ensemble_and_
     """AO-ARM-E reference, AO-ARM-S and MaM on every group: correlations, calibration, per-group error."""
     reference, single, marginal = [], [], []
     for group in groups:
-        group_ensemble, group_single = ensemble_and_single(group)
+        group_ensemble, group_single, _ = ensemble_and_single(group)
         reference.append(group_ensemble.numpy())
         single.append(group_single.numpy())
         marginal.append(marginal_of(group).numpy())
@@ -254,7 +255,7 @@ def evaluate(exp: Experiment, dataset) -> dict:
 
     # 1. test NLL: conditionals (as the paper reports MaM) and the marginal network
     rows = sample_rows(dataset.test, cfg.eval.num_examples, cfg.seed)
-    ensemble, single = ensemble_and_single(rows)
+    ensemble, single, order_mean = ensemble_and_single(rows)
     marginal_full = marginal_of(rows)
     # The paper reports MaM's NLL with its conditionals (one random order: the AO-ARM-S value); the marginal network's
     # own f(x) - f(empty) is a separate column, a true NLL only as far as the marginals are normalised.
@@ -263,7 +264,12 @@ def evaluate(exp: Experiment, dataset) -> dict:
     nll_marginal = -marginal_full.mean().item()
 
     # 2. calibration: full test examples, random subsets, and (below) the quality groups
-    calibration = {"full test": gap_summary(marginal_full.numpy(), ensemble.numpy())}
+    calibration = {"full test": gap_summary(marginal_full.numpy(), ensemble.numpy()),
+                   "full test vs order mean": gap_summary(marginal_full.numpy(), order_mean.numpy())}
+    drift = None
+    if cfg.eval.drift_rows:  # the level without references: many cheap rows instead of a few chain rules
+        drift = consistency_drift(net, sample_rows(dataset.test, cfg.eval.drift_rows, cfg.seed + 3), max(batch_size, 64), device,
+                                  generator=torch.Generator(device=device).manual_seed(int(cfg.seed) + 3))
     if cfg.eval.gap_examples:
         subsets = CalibrationSet(net, rows[:cfg.eval.gap_examples], cfg.eval.gap_fractions, cfg.eval.mc_ll, batch_size, device,
                                  cfg.eval.steps_per_pass, seed=cfg.seed + 1)
@@ -305,11 +311,15 @@ def evaluate(exp: Experiment, dataset) -> dict:
         table.append(row)
     calibration_rows = [{"set": name, "gap (nats)": s["gap_nats"], "gap std error": s["gap_se_nats"],
                          "|gap| (nats)": s["abs_gap_nats"], "n": s["n"]} for name, s in calibration.items()]
+    if drift is not None:  # signed level only: the drift estimate has no per-row values to take an |gap| of
+        calibration_rows.append({"set": "test rows vs order mean, reference-free (drift)", "gap (nats)": drift["drift_nats"],
+                                 "gap std error": drift["drift_se_nats"], "|gap| (nats)": None, "n": drift["n"]})
     mam_quality = main_groups["correlations"]["MaM"]
     results = {"dataset": dataset.name, "num_test_examples": len(rows), "num_groups": len(main_groups["reference"]),
                "orders": cfg.eval.mc_ll, "threshold": cfg.eval.threshold, "table": table,
                "marginal_gap_nats": calibration["full test"]["gap_nats"],
                "marginal_abs_gap_nats": calibration["full test"]["abs_gap_nats"], "calibration": calibration,
+               "jensen_gap_nats": float((ensemble - order_mean).mean()), "drift": drift,
                "pooled_marginal_vs_ensemble": main_groups["pooled"], "group_error": main_groups["group_error"],
                "num_groups_undefined_correlation": mam_quality["num_undefined"],
                "groups": {name: {"correlations": g["correlations"], "pooled": g["pooled"], "calibration": g["calibration"],
