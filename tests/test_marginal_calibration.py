@@ -184,11 +184,15 @@ def test_ao_arm_s_uses_an_order_independent_of_ao_arm_e():
     net = small_transformer(seed=5)
     x = torch.tensor([[0, 2, 1, 1]]).repeat(3000, 1)
     torch.manual_seed(0)
-    ensemble, single = ensemble_and_single_order(net, x, None, orders=1, batch_size=3000, device="cpu")
+    ensemble, single, order_mean = ensemble_and_single_order(net, x, None, orders=1, batch_size=3000, device="cpu")
     # with one E order, a shared order would make E == S for every row; independent orders correlate ~0
     correlation = np.corrcoef(ensemble.numpy(), single.numpy())[0, 1]
     assert abs(correlation) < 0.1, correlation  # sd of a null correlation: 1/sqrt(3000) = 0.018
     assert (ensemble != single).float().mean() > 0.5
+    assert torch.allclose(order_mean, ensemble)  # one order: its mean is its log-mean-exp
+    ensemble, _, order_mean = ensemble_and_single_order(net, x[:200], None, orders=3, batch_size=200, device="cpu")
+    jensen = ensemble - order_mean  # log-mean-exp >= mean, with equality only where the orders agree
+    assert (jensen >= -1e-9).all() and jensen.mean() > 1e-3  # 0.008 here: this net's orders disagree a little
 
 
 @torch.no_grad()
