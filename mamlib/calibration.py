@@ -55,6 +55,32 @@ def consistency_drift(net, rows: torch.Tensor, batch_size: int, device, generato
     return {"drift_nats": float(scaled.mean()) if scaled.size else math.nan, "drift_se_nats": spread, "n": int(scaled.size)}
 
 
+@torch.no_grad()
+def fit_level(net, rows: torch.Tensor, batch_size: int, device, generator: torch.Generator | None = None,
+              also_shift=()) -> dict:
+    """Set the level of a ``sum``-head marginal network in closed form: estimate its drift on ``rows``
+    (:func:`consistency_drift`) and move every per-position score by -drift / D, so that f(x) - f(empty) moves by
+    -drift on complete rows (by -drift * |S| / D on a subset). Adam leaves the level wherever its last steps put it (a
+    shared offset moves f by up to D * lr per step); this is the least-squares optimum of one extra bias per observed
+    position, from many rows at once. ``also_shift``: other tensors holding the same bias (a moving average). Returns
+    the drift measured before the shift."""
+    drift = consistency_drift(net, rows, batch_size, device, generator)
+    shift_level(net, drift["drift_nats"], also_shift)
+    return drift
+
+
+@torch.no_grad()
+def shift_level(net, nats: float, also_shift=()) -> None:
+    """Lower f(x) - f(empty) by ``nats`` on complete rows (by nats * |S| / D on a subset): every per-position score of
+    the sum head moves by -nats / D."""
+    bias = net.marginal_score_bias()
+    if bias is None:
+        raise ValueError("the level can only be set for a sum marginal head (arch.marginal_head=sum): the pooled head's "
+                         "output has no per-position score to shift")
+    for tensor in (bias, *also_shift):
+        tensor.sub_(nats / net.num_positions)
+
+
 def fraction_label(fraction: float) -> str:
     return "full" if fraction >= 1.0 else f"observed_{round(100 * fraction)}"
 

@@ -82,7 +82,7 @@ FIELDS: dict[str, Field] = {
     "ising_model.bias": Field(float), "ising_model.n_samples": at_least(1), "ising_model.gt_steps": at_least(0),
     "anchor_weight": at_least(0, float), "anchor_draws": at_least(1), "anchor_trajectories": at_least(0), "consistency_values": one_of("sampled", "all"),
     "consistency_span": at_least(1), "consistency_gradient": one_of("both", "extended"),
-    "step_surprise_share": Field(float, 0, below=1.0),
+    "step_surprise_share": Field(float, 0, below=1.0), "level_fit_rows": at_least(0),
     "arch.marginal_head": one_of("pooled", "sum"),
     "train.lr_schedule": one_of("constant", "cosine"), "train.warmup_steps": at_least(0), "train.eval_at_start": Field(bool),
     "train.ema_decay": Field(float, 0, null=True, below=1.0),
@@ -126,6 +126,10 @@ def validate(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be given ({key}=...)") from None
         if value is not KeyError:
             check_field(key, value, field)
+    level_fit_rows = OmegaConf.select(cfg, "level_fit_rows", default=0)
+    if level_fit_rows and OmegaConf.select(cfg, "arch.marginal_head", default="pooled") != "sum":
+        raise ConfigError(f"level_fit_rows={level_fit_rows} shifts the sum head's per-position scores: "
+                          "add arch.marginal_head=sum, or set level_fit_rows=0")
 
 
 def reject_added_keys() -> None:

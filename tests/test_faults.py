@@ -93,9 +93,11 @@ def crafted_pickle(path: Path, marker: Path) -> Path:
     ("mam/seq_main.py", "step_surprise_share=1.0", "step_surprise_share=1.0 is out of range"),
     ("mam/seq_main.py", "consistency_gradient=prefix", "consistency_gradient='prefix'"),
     ("mam/seq_main.py", "consistency_span=0", "consistency_span=0 is out of range"),
+    ("mam/seq_main.py", "level_fit_rows=-1", "level_fit_rows=-1 is out of range"),
+    ("mam/seq_main.py", "level_fit_rows=64 arch.marginal_head=pooled", "level_fit_rows=64 shifts the sum head"),
 ])
 def test_bad_config_values_fail_in_one_line(tmp_path, script, override, message):
-    result = run(script, tmp_path, "dataset.path=x.npy", "dataset.K=3", override)
+    result = run(script, tmp_path, "dataset.path=x.npy", "dataset.K=3", *override.split())
     assert message in user_error(result)
 
 

@@ -12,10 +12,11 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from mamlib import arm
-from mamlib.calibration import CalibrationSet, consistency_drift, gap_summary, group_error_summary, random_observed_masks
+from mamlib.calibration import CalibrationSet, consistency_drift, fit_level, gap_summary, shift_level, group_error_summary, random_observed_masks
 from mamlib.evaluation import aggregate_correlations
 from mamlib.marginal import TrajectoryAnchor, anchor_target, normalized_log_marginal, self_consistency_loss
 from mamlib.nets import MLPPair, Transformer
+from mamlib.nets.unet import UNet
 from mamlib.orders import observed_before
 from mamlib.stages.mam_mle import ensemble_and_single_order, regenerated_groups
 
@@ -261,3 +262,41 @@ def test_consistency_drift_estimates_the_gap_to_the_order_averaged_chain_rule():
     assert abs(exact) > 0.5  # a level far from zero, so the check is not trivially passed by an estimate near 0
     assert drift["drift_nats"] == pytest.approx(exact, abs=4 * drift["drift_se_nats"]), (drift, exact)
     assert drift["drift_se_nats"] < 0.1 * abs(exact)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("build", [
+    lambda: small_transformer(seed=4, marginal=True, marginal_head="sum"),
+    lambda: MLPPair(K, D, hidden=16, num_layers=2, marginal=True, marginal_head="sum"),
+    lambda: UNet(image_shape=(2, 2), num_classes=K, channels=8, num_res_blocks=1, attention=False, marginal=True,
+                 marginal_hidden=8, marginal_head="sum"),
+])
+def test_shift_level_moves_the_normalised_marginal_by_the_observed_share(build):
+    net = build().eval()
+    for parameter in net.parameters():  # away from the zero start, so the check does not pass on a constant f
+        parameter.add_(0.05 * torch.randn(parameter.shape, generator=torch.Generator().manual_seed(parameter.numel())))
+    x = torch.randint(0, K, (16, D), generator=torch.Generator().manual_seed(0))
+    observed = torch.rand(16, D, generator=torch.Generator().manual_seed(1)) < 0.5
+    observed[0], observed[1] = True, False  # a complete row and an empty one
+    before = normalized_log_marginal(net, x, observed)
+    shift_level(net, 1.5)
+    after = normalized_log_marginal(net, x, observed)
+    assert torch.allclose(before - after, 1.5 * observed.sum(1).double() / D, atol=1e-5)
+    with pytest.raises(ValueError, match="sum marginal head"):
+        shift_level(small_transformer(seed=4, marginal=True, marginal_head="pooled"), 1.0)
+
+
+@torch.no_grad()
+def test_fit_level_removes_the_gap_to_the_order_averaged_chain_rule():
+    net = small_transformer(seed=9, marginal=True, marginal_head="sum")
+    net.marginal_score_bias().fill_(0.7)  # every observed position adds 0.7 nats: f(x) - f(empty) = 2.8, far too high
+    x = torch.tensor([[2, 0, 1, 1], [0, 0, 2, 1]])
+    ones = torch.ones_like(x, dtype=torch.bool)
+
+    def exact_gap():
+        return (normalized_log_marginal(net, x, ones) - order_average_log_prob(net, x).double()).mean().item()
+
+    gap_before = exact_gap()
+    drift = fit_level(net, x.repeat(20000, 1), batch_size=5000, device="cpu", generator=torch.Generator().manual_seed(0))
+    assert gap_before > 5.0 and drift["drift_nats"] == pytest.approx(gap_before, abs=4 * drift["drift_se_nats"])
+    assert abs(exact_gap()) < 4 * drift["drift_se_nats"] < 0.05 * gap_before  # what is left is the estimate's noise

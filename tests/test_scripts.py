@@ -90,12 +90,26 @@ def test_seq_scripts_and_bad_inputs(tmp_path):
     stage1 = tmp_path / "stage1"
     run("ao_arm/seq_main.py", stage1, *data, "arch=mlp")
     check_score("ao_arm/seq_main.py", stage1, tmp_path, 8, 3, *data)
-    # stage 2 with the trajectory anchor (exact chain-rule prefixes of 4 training rows, kept in the checkpoint)
+    # stage 2 with the trajectory anchor (exact chain-rule prefixes of 4 training rows, kept in the checkpoint), and the
+    # level fit at the end with a moving average of the weights (the average is what the checkpoint serves)
     run("mam/seq_main.py", tmp_path / "stage2", *data, "load_pretrain=True", "anchor_weight=1", "anchor_trajectories=4",
+        "arch.marginal_head=sum", "level_fit_rows=64", "train.ema_decay=0.5",
         f"loadpath_pretrain={stage1 / 'checkpoints' / 'last.pt'}")
     import torch
-    kept = torch.load(tmp_path / "stage2" / "checkpoints" / "last.pt", weights_only=False)["objective"]["trajectories"]
+    from omegaconf import OmegaConf
+    from mamlib import load
+    from mamlib.calibration import consistency_drift
+    from mamlib.data import load_dataset
+    from mamlib.stages.mam_mle import sample_rows
+    payload = torch.load(tmp_path / "stage2" / "checkpoints" / "last.pt", weights_only=False)
+    kept = payload["objective"]["trajectories"]
     assert kept["prefix_log_probs"].shape == (4, 9) and torch.isfinite(kept["prefix_log_probs"]).all()
+    # re-measured on the same rows with the same draws, the saved network's drift is the fitted one minus itself: 0
+    fitted, cfg = payload["level_fit"], OmegaConf.create(payload["config"])
+    rows = sample_rows(load_dataset(cfg.dataset, tmp_path).train, cfg.level_fit_rows, cfg.seed + 4)
+    net = load(tmp_path / "stage2" / "checkpoints" / "last.pt").net
+    after = consistency_drift(net, rows, 64, "cpu", generator=torch.Generator().manual_seed(int(cfg.seed) + 4))
+    assert fitted["n"] == 64 and abs(fitted["drift_nats"]) > 1e-3 and abs(after["drift_nats"]) < 1e-4, (fitted, after)
     check_score("mam/seq_main.py", tmp_path / "stage2", tmp_path, 8, 3, *data, chain_rule=False)
     result = run("mam/seq_main.py", tmp_path / "bad0", *data, "load_pretrain=True", "anchor_trajectories=4",
                  f"loadpath_pretrain={stage1 / 'checkpoints' / 'last.pt'}", expect_ok=False)

@@ -39,6 +39,11 @@ class Backbone(nn.Module):
     def conditional_parameter_names(self) -> list[str]:
         return [n for n, _ in self.named_parameters() if not n.startswith(self.marginal_prefixes)]
 
+    def marginal_score_bias(self) -> torch.Tensor | None:
+        """The bias added to every per-position score of the ``sum`` marginal head (None for ``pooled``): shifting it by
+        c moves f(x_S) - f(empty) by c * |S|, which is how :func:`mamlib.calibration.fit_level` sets the level."""
+        return None
+
     def warm_start_marginal(self) -> bool:
         """Copy trained conditional layers into the marginal branch's matching layers; False when the branch has none
         of its own (transformer, MLP: the marginal head already reads the shared, trained features)."""

@@ -50,6 +50,9 @@ class MLPPair(Backbone):
             else:
                 self.marginal_mlp = ResidualMLP(in_dim, hidden, 1, num_layers, residual)
 
+    def marginal_score_bias(self):
+        return self.marginal_mlp.output.bias if self.has_marginal and self.marginal_kind == "sum" else None
+
     def one_hot_input(self, tokens: torch.Tensor) -> torch.Tensor:
         """(B, D) tokens in 0..K -> (B, D * (K+1)) float one-hot, written in place (F.one_hot builds int64 first)."""
         width = self.num_classes + 1

@@ -79,6 +79,9 @@ class Transformer(Backbone):
             nn.init.zeros_(self.marginal_head[-1].weight)
             nn.init.zeros_(self.marginal_head[-1].bias)
 
+    def marginal_score_bias(self):
+        return self.marginal_head[-1].bias if self.has_marginal and self.marginal_kind == "sum" else None
+
     @staticmethod
     def _init_weights(module):
         if isinstance(module, nn.Linear):

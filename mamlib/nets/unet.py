@@ -222,6 +222,9 @@ class UNet(Backbone):
             self.marginal_head = MarginalHead(channels, self.num_positions, marginal_hidden, marginal_head)
             self.marginal_prefixes = ("marginal_up.", "marginal_head.")
 
+    def marginal_score_bias(self):
+        return self.marginal_head.to_map[-1].bias if self.has_marginal and self.marginal_head.kind == "sum" else None
+
     def warm_start_marginal(self) -> bool:
         """The marginal up path starts as a copy of the trained conditional up path (same shapes), not at random."""
         if not self.has_marginal:

@@ -143,8 +143,10 @@ def score_file(exp: Experiment, model: Model, network: str) -> None:
              cfg.score.orders, path)
 
 
-def fit_on_data(exp: Experiment, dataset, net, objective, optimizer, meta: dict, evaluate) -> Trainer:
-    """Train on ``dataset.train`` (resuming if asked), then evaluate once more on the main process."""
+def fit_on_data(exp: Experiment, dataset, net, objective, optimizer, meta: dict, evaluate, after_training=None) -> Trainer:
+    """Train on ``dataset.train`` (resuming if asked), then evaluate once more on the main process.
+    ``after_training(trainer)``: runs on the main process between the last step and that evaluation (it saves what it
+    changes)."""
     cfg = exp.cfg
     trainer = Trainer(
         train_cfg=cfg.train, model=net, objective=objective, optimizer=optimizer,
@@ -153,6 +155,8 @@ def fit_on_data(exp: Experiment, dataset, net, objective, optimizer, meta: dict,
         device=exp.device, dist_info=exp.dist, logger=exp.logger, checkpoint_meta=meta, evaluate=evaluate)
     trainer.run(resume=cfg.resume, overwrite=cfg.get("overwrite", False))
     if exp.dist.is_main:
+        if after_training is not None:
+            after_training(trainer)
         trainer.run_evaluation()
     return trainer
 

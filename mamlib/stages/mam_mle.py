@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from .. import arm
 from ..checkpoint import CheckpointError
-from ..calibration import CalibrationSet, consistency_drift, flat_gap_metrics, gap_summary, group_error_summary
+from ..calibration import CalibrationSet, consistency_drift, flat_gap_metrics, shift_level, gap_summary, group_error_summary
 from ..evaluation import aggregate_correlations, bits_per_dim, correlation_summary, time_callable, write_report
 from ..experiment import Experiment, batched, make_optimizer
 from ..files import atomic_write, save_npz_atomic, write_text_atomic
@@ -150,7 +150,28 @@ def train(exp: Experiment, dataset) -> None:
     meta = {**checkpoint_meta(KIND, exp, dataset.describe(), OmegaConf.create(stage1["arch"]), has_marginal=True),
             "stage1_checkpoint": str(cfg.loadpath_pretrain)}
     fit_on_data(exp, dataset, net, objective, make_optimizer(trainable, cfg.train), meta,
-                evaluate=lambda step: validation_metrics(net, val_rows, cfg.eval.batch_size, exp.device, calibration))
+                evaluate=lambda step: validation_metrics(net, val_rows, cfg.eval.batch_size, exp.device, calibration),
+                after_training=(lambda trainer: fit_level_after_training(exp, dataset, net, trainer)) if cfg.level_fit_rows else None)
+
+
+def fit_level_after_training(exp: Experiment, dataset, net, trainer) -> None:
+    """``level_fit_rows=N``: measure the finished network's drift on N training rows and remove it (see
+    :func:`mamlib.calibration.fit_level`), then save last.pt again with the drift it removed recorded."""
+    cfg = exp.cfg
+    rows = sample_rows(dataset.train, cfg.level_fit_rows, cfg.seed + 4)
+    bias = net.marginal_score_bias()
+    name = next(name for name, parameter in net.named_parameters() if parameter is bias)
+    net.eval()
+    with torch.no_grad(), trainer.averaged_weights():  # the weights the checkpoint serves
+        drift = consistency_drift(net, rows, max(cfg.eval.batch_size, 64), exp.device,
+                                  generator=torch.Generator(device=exp.device).manual_seed(int(cfg.seed) + 4))
+    shift_level(net, drift["drift_nats"], [trainer.ema[name]] if trainer.ema is not None else ())
+    net.train()
+    log.info("level fit: the marginal network was %+.2f ± %.2f nats off the order-averaged chain rule on %d training "
+             "rows; removed", drift["drift_nats"], drift["drift_se_nats"], drift["n"])
+    exp.logger.log({"level_fit/drift_nats": drift["drift_nats"], "level_fit/drift_se_nats": drift["drift_se_nats"]}, trainer.step)
+    trainer.meta["level_fit"] = drift
+    trainer.save()
 
 
 # -- evaluation ------------------------------------------------------------------------------------
