@@ -85,6 +85,7 @@ FIELDS: dict[str, Field] = {
     "step_surprise_share": Field(float, 0, below=1.0), "level_fit_rows": at_least(0),
     "arch.marginal_head": one_of("pooled", "sum"),
     "train.lr_schedule": one_of("constant", "cosine"), "train.warmup_steps": at_least(0), "train.eval_at_start": Field(bool),
+    "train.activation_checkpointing": Field(bool),
     "train.ema_decay": Field(float, 0, null=True, below=1.0),
     "eval.gap_examples": at_least(0), "eval.gap_val_examples": at_least(0), "eval.drift_rows": at_least(0), "eval.figure_examples": at_least(0),
 }

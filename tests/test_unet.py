@@ -194,3 +194,34 @@ def test_warm_start_copies_the_conditional_up_path_and_keeps_f_zero():
     x, observed = make_inputs()
     assert torch.equal(model(x, observed, need_logits=False, need_marginal=True)[0], torch.zeros(len(x)))
     assert not UNet(**SMALL).warm_start_marginal()  # no marginal branch: nothing to copy
+
+
+@pytest.mark.parametrize("marginal_only", [False, True])
+def test_activation_checkpointing_gives_the_same_outputs_and_gradients(marginal_only):
+    """Stage 1 (every block trains) and stage 2 (only the marginal branch): recomputing in backward changes nothing,
+    dropout included (the recomputation replays the random state)."""
+    results = []
+    for enabled in (False, True):
+        model = randomize_(UNet(**SMALL, attention=True, dropout=0.3, marginal=True)).train()
+        model.set_activation_checkpointing(enabled)
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad = not marginal_only or name.startswith(model.marginal_prefixes)
+        x, observed = make_inputs()
+        torch.manual_seed(5)
+        log_marginal, logits = model(x, observed, need_marginal=True)
+        (log_marginal.sum() + logits.float().pow(2).mean()).backward()
+        grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+        results.append((log_marginal.detach(), grads))
+    (plain, plain_grads), (recomputed, recomputed_grads) = results
+    assert torch.allclose(plain, recomputed, atol=1e-6)
+    assert plain_grads.keys() == recomputed_grads.keys() and len(plain_grads) > 0
+    for name, grad in plain_grads.items():
+        assert torch.allclose(grad, recomputed_grads[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_activation_checkpointing_is_refused_where_not_implemented():
+    from mamlib.nets import MLPPair
+
+    with pytest.raises(ValueError, match="implemented for arch=unet only"):
+        MLPPair(3, 4, hidden=8, num_layers=1).set_activation_checkpointing(True)
+    MLPPair(3, 4, hidden=8, num_layers=1).set_activation_checkpointing(False)  # off is always fine

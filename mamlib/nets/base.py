@@ -39,6 +39,13 @@ class Backbone(nn.Module):
     def conditional_parameter_names(self) -> list[str]:
         return [n for n, _ in self.named_parameters() if not n.startswith(self.marginal_prefixes)]
 
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        """``train.activation_checkpointing``: recompute trainable blocks in backward instead of keeping their
+        activations. Only backbones whose activations dominate memory implement it (the U-Net)."""
+        if enabled:
+            raise ValueError(f"train.activation_checkpointing=true is implemented for arch=unet only, not "
+                             f"{type(self).__name__}: set train.activation_checkpointing=false")
+
     def marginal_score_bias(self) -> torch.Tensor | None:
         """The bias added to every per-position score of the ``sum`` marginal head (None for ``pooled``): shifting it by
         c moves f(x_S) - f(empty) by c * |S|, which is how :func:`mamlib.calibration.fit_level` sets the level."""

@@ -24,6 +24,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .base import Backbone, MaskedSum, at_positions, check_marginal_head
 
@@ -206,6 +207,7 @@ class UNet(Backbone):
                              f"got {channels}")
         if num_res_blocks < 0:
             raise ValueError(f"num_res_blocks must be >= 0, got {num_res_blocks}")
+        self.checkpoint_stages = False  # train.activation_checkpointing (set_activation_checkpointing)
         self.image_shape = (int(image_shape[0]), int(image_shape[1]))
         self.num_classes = num_classes
         self.num_positions = self.image_shape[0] * self.image_shape[1]
@@ -221,6 +223,16 @@ class UNet(Backbone):
             self.marginal_up = up_path(channels, num_res_blocks + 1, time_dim, dropout, attention)
             self.marginal_head = MarginalHead(channels, self.num_positions, marginal_hidden, marginal_head)
             self.marginal_prefixes = ("marginal_up.", "marginal_head.")
+
+    def set_activation_checkpointing(self, enabled: bool) -> None:
+        self.checkpoint_stages = bool(enabled)
+
+    def _run_block(self, module: nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        """module(*inputs), recomputed in backward instead of kept when checkpointing and the module trains: a stage's
+        GroupNorm/SiLU/conv/attention intermediates at full resolution are most of a training step's memory."""
+        if self.checkpoint_stages and torch.is_grad_enabled() and any(p.requires_grad for p in module.parameters()):
+            return checkpoint(module, *inputs, use_reentrant=False)
+        return module(*inputs)
 
     def marginal_score_bias(self):
         return self.marginal_head.to_map[-1].bias if self.has_marginal and self.marginal_head.kind == "sum" else None
@@ -240,10 +252,9 @@ class UNet(Backbone):
             raise ValueError(f"observed_mask must be a bool tensor shaped like x {tuple(x.shape)}, "
                              f"got {observed_mask.dtype} {tuple(observed_mask.shape)}")
 
-    @staticmethod
-    def _run_up(stages: nn.ModuleList, h: torch.Tensor, skips: list[torch.Tensor], time: torch.Tensor) -> torch.Tensor:
+    def _run_up(self, stages: nn.ModuleList, h: torch.Tensor, skips: list[torch.Tensor], time: torch.Tensor) -> torch.Tensor:
         for stage, skip in zip(stages, reversed(skips)):
-            h = stage(torch.cat([h, skip], dim=1), time)
+            h = self._run_block(stage, torch.cat([h, skip], dim=1), time)
         return h
 
     def forward(self, x, observed_mask, need_logits: bool = True, need_marginal: bool = False, positions=None):
@@ -258,9 +269,10 @@ class UNet(Backbone):
         h, time = self.embed(tokens, observed_mask.view(grid))
         skips = [h]
         for stage in self.down:
-            h = stage(h, time)
+            h = self._run_block(stage, h, time)
             skips.append(h)
-        h = self.middle_out(self.middle_attention(self.middle_in(h, time)), time)
+        h = self._run_block(self.middle_in, h, time)
+        h = self._run_block(self.middle_out, self._run_block(self.middle_attention, h), time)
 
         logits = log_marginal = None
         if need_logits:

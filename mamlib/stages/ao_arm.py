@@ -51,6 +51,7 @@ def one_step_bpd(net, rows: torch.Tensor, batch_size: int, device) -> float:
 def train(exp: Experiment, dataset) -> None:
     cfg = exp.cfg
     net = build_backbone(cfg.arch, dataset.num_classes, dataset.num_positions, dataset.image_shape).to(exp.device)
+    net.set_activation_checkpointing(cfg.train.activation_checkpointing)
     log.info("backbone %s: %.2fM parameters", cfg.arch.name, sum(p.numel() for p in net.parameters()) / 1e6)
     objective = AOARMObjective(maybe_compile(net, cfg.compile))  # the trainer saves the uncompiled module
     val_rows = first_rows(dataset.val, cfg.eval.val_examples)

@@ -252,6 +252,7 @@ def is_mam(cfg) -> bool:
 def train(exp: Experiment, target, info) -> None:
     cfg = exp.cfg
     net = build_backbone(cfg.arch, info["K"], info["D"], marginal=is_mam(cfg)).to(exp.device)
+    net.set_activation_checkpointing(cfg.train.activation_checkpointing)
     objective = (MaMEnergyObjective if is_mam(cfg) else ARMEnergyObjective)(maybe_compile(net, cfg.compile), target, cfg, exp.device)
     order_kind = None if is_mam(cfg) else cfg.arm_order
     log_z = target.log_partition() if hasattr(target, "log_partition") else None

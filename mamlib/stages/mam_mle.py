@@ -136,6 +136,7 @@ def validation_metrics(net, rows: torch.Tensor, batch_size: int, device, calibra
 def train(exp: Experiment, dataset) -> None:
     cfg = exp.cfg
     net, stage1 = load_stage1(exp, dataset)
+    net.set_activation_checkpointing(cfg.train.activation_checkpointing)
     trainable = [p for p in net.parameters() if p.requires_grad]
     log.info("stage 2: %.2fM trainable of %.2fM parameters", sum(p.numel() for p in trainable) / 1e6,
              sum(p.numel() for p in net.parameters()) / 1e6)
