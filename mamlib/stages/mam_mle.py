@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 
 from .. import arm
 from ..checkpoint import CheckpointError
-from ..calibration import CalibrationSet, consistency_drift, flat_gap_metrics, shift_level, gap_summary, group_error_summary
+from ..calibration import (CalibrationSet, consistency_drift, flat_gap_metrics, gap_summary, group_error_summary,
+                           shift_level)
 from ..evaluation import aggregate_correlations, bits_per_dim, correlation_summary, time_callable, write_report
 from ..experiment import Experiment, batched, make_optimizer
 from ..files import atomic_write, save_npz_atomic, write_text_atomic
@@ -152,7 +153,8 @@ def train(exp: Experiment, dataset) -> None:
             "stage1_checkpoint": str(cfg.loadpath_pretrain)}
     fit_on_data(exp, dataset, net, objective, make_optimizer(trainable, cfg.train), meta,
                 evaluate=lambda step: validation_metrics(net, val_rows, cfg.eval.batch_size, exp.device, calibration),
-                after_training=(lambda trainer: fit_level_after_training(exp, dataset, net, trainer)) if cfg.level_fit_rows else None)
+                after_training=(lambda trainer: fit_level_after_training(exp, dataset, net, trainer))
+                if cfg.level_fit_rows else None)
 
 
 def fit_level_after_training(exp: Experiment, dataset, net, trainer) -> None:
