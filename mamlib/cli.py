@@ -87,7 +87,8 @@ FIELDS: dict[str, Field] = {
     "train.lr_schedule": one_of("constant", "cosine"), "train.warmup_steps": at_least(0), "train.eval_at_start": Field(bool),
     "train.activation_checkpointing": Field(bool),
     "train.ema_decay": Field(float, 0, null=True, below=1.0),
-    "eval.gap_examples": at_least(0), "eval.gap_val_examples": at_least(0), "eval.drift_rows": at_least(0), "eval.figure_examples": at_least(0),
+    "eval.gap_examples": at_least(0), "eval.gap_val_examples": at_least(0), "eval.drift_rows": at_least(0),
+    "eval.figure_examples": at_least(0),
 }
 TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string"}
 

@@ -113,8 +113,8 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
     if not all_values:
         residual = f_prefix.float() + value_log_prob(logits, x, position) - f_extended
         squared = residual.pow(2) if weight is None else weight * residual.pow(2)
-        return {"residual": residual, "squared_residual": squared, "f_empty": f_rest[-1], "f_extended": f_extended,
-                "extended_mask": extended_mask, "weight": torch.ones_like(residual) if weight is None else weight, **extra}
+        return {"residual": residual, "squared_residual": squared, "f_empty": f_rest[-1],
+                "f_extended": f_extended, "extended_mask": extended_mask, **extra}
     f_values = f_extended.view(num_classes, batch).t()  # (B, K): f(x_sigma(<d), x_sigma(d) = k)
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     residuals = f_prefix.float().unsqueeze(1) + log_probs - f_values
