@@ -50,9 +50,9 @@ STAGES = {  # name: (script suffix, dataset overrides, D, K, image?)
 }
 
 
-# The image pipeline (784 positions) and the molecule pipeline take minutes: CI runs them (`make test-slow`);
-# text runs the same stage-1 -> stage-2 code with every `make test`.
-SLOW_STAGES = {"image", "mol"}
+# The image pipeline (784 positions) and the molecule pipeline take minutes, text most of one: CI runs them
+# (`make test-slow`); test_seq_scripts_and_bad_inputs runs the same stage-1 -> stage-2 code with every `make test`.
+SLOW_STAGES = {"image", "mol", "text"}
 
 
 @pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name in SLOW_STAGES else name
@@ -110,6 +110,11 @@ def test_seq_scripts_and_bad_inputs(tmp_path):
     net = load(tmp_path / "stage2" / "checkpoints" / "last.pt").net
     after = consistency_drift(net, rows, 64, "cpu", generator=torch.Generator().manual_seed(int(cfg.seed) + 4))
     assert fitted["n"] == 64 and abs(fitted["drift_nats"]) > 1e-3 and abs(after["drift_nats"]) < 1e-4, (fitted, after)
+    # stage-2 eval end to end (the image, text and molecule pipelines run it in `make test-slow`)
+    run("mam/seq_main.py", tmp_path / "stage2", *data, "mode=eval")
+    results = json.loads((tmp_path / "stage2" / "metrics.json").read_text())
+    assert [row["model"] for row in results["table"]] == ["AO-ARM-E", "AO-ARM-S", "MaM"]
+    assert np.isfinite(results["marginal_abs_gap_nats"]) and (tmp_path / "stage2" / "results.md").is_file()
     check_score("mam/seq_main.py", tmp_path / "stage2", tmp_path, 8, 3, *data, chain_rule=False)
     result = run("mam/seq_main.py", tmp_path / "bad0", *data, "load_pretrain=True", "anchor_trajectories=4",
                  f"loadpath_pretrain={stage1 / 'checkpoints' / 'last.pt'}", expect_ok=False)
