@@ -29,6 +29,7 @@ class Field:
     low: float | None = None    # smallest allowed value
     strict: bool = False        # ``low`` itself is not allowed
     below: float | None = None  # values must be smaller than this
+    high: float | None = None   # largest allowed value
     null: bool = False          # None (null) is allowed
     choices: tuple = ()
 
@@ -81,9 +82,10 @@ FIELDS: dict[str, Field] = {
     "ising_model.dim": at_least(2), "ising_model.width": at_least(1, null=True), "ising_model.sigma": Field(float),
     "ising_model.bias": Field(float), "ising_model.n_samples": at_least(1), "ising_model.gt_steps": at_least(0),
     "anchor_weight": at_least(0, float), "anchor_draws": at_least(1), "anchor_trajectories": at_least(0), "consistency_values": one_of("sampled", "all"),
-    "consistency_span": at_least(1), "consistency_gradient": one_of("both", "extended"),
+    "consistency_span": at_least(1), "consistency_prefix_gradient": Field(float, 0, high=1.0),
     "step_surprise_share": Field(float, 0, below=1.0), "level_fit_rows": at_least(0),
     "arch.marginal_head": one_of("pooled", "sum"),
+    "arch.marginal_encoder": one_of("shared", "own"),
     "train.lr_schedule": one_of("constant", "cosine"), "train.warmup_steps": at_least(0), "train.eval_at_start": Field(bool),
     "train.activation_checkpointing": Field(bool),
     "train.ema_decay": Field(float, 0, null=True, below=1.0),
@@ -109,6 +111,8 @@ def check_field(key: str, value, field: Field) -> None:
     if field.low is not None and (value < field.low or (field.strict and value == field.low)):
         bound = f"> {field.low}" if field.strict else f">= {field.low}"
         raise ConfigError(f"{key}={value} is out of range: it must be {bound}")
+    if field.high is not None and value > field.high:
+        raise ConfigError(f"{key}={value} is out of range: it must be <= {field.high}")
     if field.below is not None and value >= field.below:
         raise ConfigError(f"{key}={value} is out of range: it must be < {field.below}")
 

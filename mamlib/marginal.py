@@ -42,7 +42,7 @@ def normalized_log_marginal(net, x, observed_mask, log_normalizer: float | None 
 
 def self_consistency_terms(net, x, order=None, generator=None, all_values: bool = False,
                            conditional_grad: bool = True, extra_rows: tuple | None = None, span: int = 1,
-                           prefix_grad: bool = True, surprise_share: float = 0.0) -> dict:
+                           prefix_gradient: float = 1.0, surprise_share: float = 0.0) -> dict:
     """One sampled constraint per row, f(empty), and f on the extended prefix (reused by the anchor term).
 
     With d ~ U{1..D}: residual = f(x_sigma(<d)) + log p_phi(x_sigma(d) | x_sigma(<d)) - f(x_sigma(<=d)).
@@ -59,8 +59,11 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
     ``span`` = k > 1: the constraint telescopes over k consecutive steps of the order,
     f(x_sigma(<d)) + sum_{j<k} log p_phi(x_sigma(d+j) | x_sigma(<d+j)) = f(x_sigma(<d+k)), d ~ U{1..D-k+1}: k times the
     distance per constraint, with the k conditionals in one batched pass (see :func:`span_terms`).
-    ``prefix_grad=False``: f on the shorter prefix is a fixed target (no gradient), as in TD learning: the level set by
-    f(empty) then flows outward to larger sets instead of both ends of every constraint moving toward each other.
+    ``prefix_gradient`` = beta in [0, 1]: the gradient through f on the shorter prefix is scaled by beta (the value is
+    unchanged). 1 is the paper's least squares, whose fixed point with inconsistent conditionals is pulled by the
+    constraints *out* of every set as well as into it, so f(x) moves away from E_sigma log p_sigma(x) per example;
+    0 is TD-style (the prefix a fixed target), whose fixed point is exactly E_sigma log p_sigma(x_S) on every set, but
+    which learns by bootstrapping from f(empty) outward; in between, the pull shrinks with beta.
     ``surprise_share`` = a in (0, 1): given the prefix, the next position is drawn from :func:`surprise_proposal`
     (a share a in proportion to -log p_phi(x_j | prefix), the rest uniform) instead of uniformly, and each squared
     residual is weighted by uniform / proposal probability: the same expected loss, with more of the draws on the
@@ -71,7 +74,7 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
         if all_values or surprise_share:
             raise ValueError("consistency_span > 1 needs consistency_values=sampled and step_surprise_share=0")
         return span_terms(net, x, span, order=order, generator=generator, conditional_grad=conditional_grad,
-                          extra_rows=extra_rows, prefix_grad=prefix_grad)
+                          extra_rows=extra_rows, prefix_gradient=prefix_gradient)
     batch, dim = x.shape
     if order is None:  # the same distribution without sorting
         prefix_mask, position = random_prefix(batch, dim, device=x.device, generator=generator)
@@ -93,8 +96,7 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
         f_prefix, logits = net(x, prefix_mask, need_logits=True, need_marginal=True, positions=position)
     extended_mask = prefix_mask.clone()
     extended_mask[rows, position] = True
-    if not prefix_grad:
-        f_prefix = f_prefix.detach()
+    f_prefix = scale_gradient(f_prefix, prefix_gradient)
     if not conditional_grad:
         logits = logits.detach()
     empty_x, empty_mask = empty_like_rows(x)
@@ -124,6 +126,15 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
             "f_empty": f_rest[-1], "f_extended": f_values[rows, own_value], "extended_mask": extended_mask, **extra}
 
 
+def scale_gradient(value: torch.Tensor, scale: float) -> torch.Tensor:
+    """``value`` in the forward pass, ``scale`` times its gradient in the backward one."""
+    if not 0.0 <= scale <= 1.0:
+        raise ValueError(f"consistency_prefix_gradient={scale} must be in [0, 1]: 1 = the paper's, 0 = a fixed target")
+    if scale == 1.0:
+        return value
+    return value.detach() if scale == 0.0 else scale * value + (1.0 - scale) * value.detach()
+
+
 def surprise_proposal(surprise: torch.Tensor, remaining: torch.Tensor, share: float) -> torch.Tensor:
     """(B, D) probabilities of the next position: over the ``remaining`` positions, ``share`` in proportion to
     ``surprise`` (-log p of the row's value, >= 0) and 1 - share uniform; uniform alone where the surprise is all 0.
@@ -139,7 +150,7 @@ def surprise_proposal(surprise: torch.Tensor, remaining: torch.Tensor, share: fl
 
 
 def span_terms(net, x, span: int, order=None, generator=None, conditional_grad: bool = True,
-               extra_rows: tuple | None = None, prefix_grad: bool = True) -> dict:
+               extra_rows: tuple | None = None, prefix_gradient: float = 1.0) -> dict:
     """The k-step constraint of :func:`self_consistency_terms`. Two passes: the k prefixes of every row with the
     conditional head only (k * B rows, one position each), and [prefixes; extended prefixes; ``extra_rows``; empty]
     with the marginal head only. ``squared_residual`` is divided by k, so that the D-weighted loss keeps the scale of
@@ -163,8 +174,7 @@ def span_terms(net, x, span: int, order=None, generator=None, conditional_grad: 
     f_all = log_marginal(net, torch.cat([x, x, *more_x, empty_x]),
                          torch.cat([prefix_mask, extended_mask, *more_mask, empty_mask])).float()
     f_prefix, f_extended = f_all[:batch], f_all[batch:2 * batch]
-    if not prefix_grad:
-        f_prefix = f_prefix.detach()
+    f_prefix = scale_gradient(f_prefix, prefix_gradient)
     residual = f_prefix + span_log_prob - f_extended
     extra = {"f_extra": f_all[2 * batch:-1]} if extra_rows is not None else {}
     return {"residual": residual, "squared_residual": residual.pow(2) / span, "f_empty": f_all[-1],
@@ -249,7 +259,7 @@ class TrajectoryAnchor:
 
 def self_consistency_loss(net, x, log_z: float | torch.Tensor = 0.0, order=None, generator=None,
                           anchor_weight: float = 0.0, anchor_draws: int = 1, all_values: bool = False,
-                          trajectories: TrajectoryAnchor | None = None, span: int = 1, prefix_grad: bool = True,
+                          trajectories: TrajectoryAnchor | None = None, span: int = 1, prefix_gradient: float = 1.0,
                           surprise_share: float = 0.0):
     """D * mean(residual^2) + (f(empty) - log_z)^2 [+ anchor_weight * mean((f(S) - f(empty) - anchor)^2) / D].
 
@@ -264,7 +274,7 @@ def self_consistency_loss(net, x, log_z: float | torch.Tensor = 0.0, order=None,
     if anchor_weight > 0 and trajectories is not None:
         *anchor_rows, anchor_values = trajectories.draw(x.shape[0], device=x.device, generator=generator)
     terms = self_consistency_terms(net, x, order=order, generator=generator, all_values=all_values, extra_rows=anchor_rows,
-                                   span=span, prefix_grad=prefix_grad, surprise_share=surprise_share)
+                                   span=span, prefix_gradient=prefix_gradient, surprise_share=surprise_share)
     consistency = terms["squared_residual"].mean()
     normalizer = (terms["f_empty"] - log_z).pow(2)
     loss = x.shape[1] * consistency + normalizer

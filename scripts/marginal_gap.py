@@ -66,6 +66,8 @@ def main() -> None:
                                          args.steps_per_pass, seed=args.seed, reference=cached.get("calibration"))
             if args.groups and "group_variants" in cached:
                 groups = {"variants": torch.from_numpy(cached["group_variants"]), "reference": cached["group_reference"]}
+            if args.cache and not args.groups and "calibration" not in cached:  # with --groups, saved with them below
+                np.savez(args.cache, calibration=calibration.reference)
         result = {"checkpoint": path, "step": payload["step"], **calibration.measure(net)}
         if args.groups:
             if groups is None:

@@ -240,23 +240,27 @@ def test_span_residual_telescopes_the_chain_rule_over_k_steps(span):
 
 
 @pytest.mark.parametrize("span", [1, 3])
-def test_prefix_without_gradient_leaves_only_the_extended_set_to_move(span):
-    # consistency_gradient=extended: same residual, but its gradient is that of -f(extended prefix) alone
+def test_prefix_gradient_scale_blends_the_two_ends_of_a_constraint(span):
+    # consistency_prefix_gradient=beta: the same residual; its gradient is beta * grad f(prefix) - grad f(extended), so
+    # 0 leaves only -f(extended prefix) and 0.5 is the mean of the gradients at 0 and 1
     torch.manual_seed(8)
     net = MLPPair(K, D, hidden=16, num_layers=2, marginal=True)
     x, order = torch.randint(0, K, (9, D)), random_order(9, D)
-    both = self_consistency_terms(net, x, order=order, generator=torch.Generator().manual_seed(5), span=span,
-                                  conditional_grad=False)
-    fixed = self_consistency_terms(net, x, order=order, generator=torch.Generator().manual_seed(5), span=span,
-                                   conditional_grad=False, prefix_grad=False)
-    assert torch.allclose(both["residual"], fixed["residual"])
+    terms = {beta: self_consistency_terms(net, x, order=order, generator=torch.Generator().manual_seed(5), span=span,
+                                          conditional_grad=False, prefix_gradient=beta) for beta in (1.0, 0.5, 0.0)}
+    assert torch.allclose(terms[1.0]["residual"], terms[0.0]["residual"])
+    assert torch.allclose(terms[1.0]["residual"], terms[0.5]["residual"])
     grads = []
-    for residual in (fixed["residual"].sum(), -log_marginal(net, x, fixed["extended_mask"]).sum(), both["residual"].sum()):
+    for residual in (terms[0.0]["residual"].sum(), -log_marginal(net, x, terms[0.0]["extended_mask"]).sum(),
+                     terms[1.0]["residual"].sum(), terms[0.5]["residual"].sum()):
         net.zero_grad()
         residual.backward()
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
     assert not torch.allclose(grads[0], grads[2], atol=1e-3)  # with the prefix's gradient it differs
+    assert torch.allclose(grads[3], (grads[0] + grads[2]) / 2, atol=1e-5)
+    with pytest.raises(ValueError, match="consistency_prefix_gradient"):
+        self_consistency_terms(net, x, order=order, prefix_gradient=1.5)
 
 
 def test_surprise_proposal_mixes_surprise_and_uniform_over_the_remaining_positions():

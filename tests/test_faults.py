@@ -91,7 +91,7 @@ def crafted_pickle(path: Path, marker: Path) -> Path:
     ("ao_arm/seq_main.py", "train.lr=1e-3,1e-4", "To sweep over it, add --multirun"),
     # stage-2 loss options
     ("mam/seq_main.py", "step_surprise_share=1.0", "step_surprise_share=1.0 is out of range"),
-    ("mam/seq_main.py", "consistency_gradient=prefix", "consistency_gradient='prefix'"),
+    ("mam/seq_main.py", "consistency_prefix_gradient=1.5", "consistency_prefix_gradient=1.5 is out of range: it must be <= 1.0"),
     ("mam/seq_main.py", "consistency_span=0", "consistency_span=0 is out of range"),
     ("mam/seq_main.py", "level_fit_rows=-1", "level_fit_rows=-1 is out of range"),
     ("mam/seq_main.py", "level_fit_rows=64 arch.marginal_head=pooled", "level_fit_rows=64 shifts the sum head"),

@@ -52,9 +52,9 @@ def load_stage1(exp: Experiment, dataset):
 
 
 def marginal_arch(cfg) -> dict:
-    """Stage 2 takes the architecture from the stage-1 checkpoint; only the marginal head (its kind and width) comes
+    """Stage 2 takes the architecture from the stage-1 checkpoint; only the marginal branch (head kind, width, encoder) comes
     from arch.*."""
-    return {key: cfg.arch[key] for key in ("marginal_hidden", "marginal_head") if cfg.arch.get(key) is not None}
+    return {key: cfg.arch[key] for key in ("marginal_hidden", "marginal_head", "marginal_encoder") if cfg.arch.get(key) is not None}
 
 
 class MarginalObjective:
@@ -104,7 +104,7 @@ class MarginalObjective:
                                             anchor_draws=self.cfg.anchor_draws, trajectories=self.trajectories,
                                             all_values=self.cfg.get("consistency_values", "sampled") == "all",
                                             span=self.cfg.get("consistency_span", 1),
-                                            prefix_grad=self.cfg.get("consistency_gradient", "both") == "both",
+                                            prefix_gradient=self.cfg.get("consistency_prefix_gradient", 1.0),
                                             surprise_share=self.cfg.get("step_surprise_share", 0.0))
         return loss, parts
 
