@@ -96,8 +96,13 @@ def check_same_data(saved: dict, current: dict, path) -> None:
                                   f"but this run uses {key}={current.get(key)!r}; pick the matching dataset or checkpoint")
 
 
+# arch options added after checkpoints were written without them: their absence means this value
+ARCH_DEFAULTS = {"marginal_head": "pooled", "marginal_encoder": "shared"}
+
+
 def check_same_arch(saved: dict, current: dict, path) -> None:
     """Fail with both values when the architecture options differ (resuming needs the very same network)."""
+    saved, current = {**ARCH_DEFAULTS, **saved}, {**ARCH_DEFAULTS, **current}
     for key in sorted(set(saved) | set(current)):
         if saved.get(key) != current.get(key):
             raise CheckpointError(f"checkpoint {path} was trained with arch.{key}={saved.get(key)!r}, "

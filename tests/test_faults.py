@@ -265,6 +265,17 @@ def test_resume_with_another_architecture_is_refused(tmp_path):
         other.run(resume=True)
 
 
+def test_resume_of_a_run_saved_before_an_arch_option_existed(tmp_path):
+    # a checkpoint without arch.marginal_encoder was built with its default (shared): it resumes under the default
+    # and is refused, naming the option, under another value
+    make_trainer(tmp_path, meta={"kind": "test", "arch": {"name": "mlp", "hidden": 16}}).run()
+    same = make_trainer(tmp_path, meta={"kind": "test", "arch": {"name": "mlp", "hidden": 16, "marginal_encoder": "shared"}})
+    same.run(resume=True)
+    other = make_trainer(tmp_path, meta={"kind": "test", "arch": {"name": "mlp", "hidden": 16, "marginal_encoder": "own"}})
+    with pytest.raises(CheckpointError, match=r"arch.marginal_encoder='shared', but this run uses arch.marginal_encoder='own'"):
+        other.run(resume=True)
+
+
 # -- score files and outputs ------------------------------------------------------------------------
 
 def test_score_inputs_that_are_not_integer_arrays(tmp_path):
