@@ -375,3 +375,24 @@ def test_regenerated_onpolicy_rows_keep_data_and_redraw_a_uniform_number_of_step
     counts = torch.bincount(redrawn, minlength=dim + 1)
     assert counts[0] == 0 and redrawn.max() <= dim
     assert (counts[1:] > rows / dim / 2).all()  # every n in 1..D occurs (expected 100 each; measured 90-111)
+
+
+def test_prefix_gradient_switches_on_at_the_given_step_and_resumes_there():
+    # consistency_prefix_gradient_from=N: the paper's gradient (beta = 1) for the first N loss evaluations, beta after;
+    # the count is part of the objective's state, so a resumed run switches at the same step
+    from omegaconf import OmegaConf
+
+    from mamlib.stages.mam_mle import MarginalObjective
+
+    cfg = OmegaConf.create({"consistency_prefix_gradient": 0.25, "consistency_prefix_gradient_from": 2, "anchor_weight": 0.0,
+                            "anchor_draws": 1, "anchor_trajectories": 0, "include_onpolicy": False})
+    torch.manual_seed(0)
+    objective = MarginalObjective(MLPPair(K, D, hidden=16, num_layers=2, marginal=True), cfg, None, torch.device("cpu"))
+    seen = []
+    for _ in range(3):
+        seen.append(objective.prefix_gradient())
+        objective.loss(torch.randint(0, K, (4, D)))
+    assert seen == [1.0, 1.0, 0.25]
+    restored = MarginalObjective(objective.net, cfg, None, torch.device("cpu"))
+    restored.load_state_dict(objective.state_dict())
+    assert restored.evaluations == 3 and restored.prefix_gradient() == 0.25

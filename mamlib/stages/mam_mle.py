@@ -64,6 +64,7 @@ class MarginalObjective:
         self.net, self.cfg, self.dataset, self.device = net, cfg, dataset, device
         self.samples: torch.Tensor | None = None
         self.trajectories: TrajectoryAnchor | None = None
+        self.evaluations = 0  # loss evaluations so far (= steps without gradient accumulation), kept for resuming
         if cfg.get("anchor_trajectories", 0) and not cfg.anchor_weight:
             raise ValueError(f"anchor_trajectories={cfg.anchor_trajectories} only changes the anchor term's targets: "
                              "also set anchor_weight > 0 (e.g. anchor_weight=20), or anchor_trajectories=0")
@@ -104,15 +105,23 @@ class MarginalObjective:
                                             anchor_draws=self.cfg.anchor_draws, trajectories=self.trajectories,
                                             all_values=self.cfg.get("consistency_values", "sampled") == "all",
                                             span=self.cfg.get("consistency_span", 1),
-                                            prefix_gradient=self.cfg.get("consistency_prefix_gradient", 1.0),
+                                            prefix_gradient=self.prefix_gradient(),
                                             surprise_share=self.cfg.get("step_surprise_share", 0.0))
+        self.evaluations += 1
         return loss, parts
 
+    def prefix_gradient(self) -> float:
+        """consistency_prefix_gradient from loss evaluation consistency_prefix_gradient_from on, 1 (the paper's) before."""
+        if self.evaluations < self.cfg.get("consistency_prefix_gradient_from", 0):
+            return 1.0
+        return self.cfg.get("consistency_prefix_gradient", 1.0)
+
     def state_dict(self) -> dict:
-        return {"samples": None if self.samples is None else self.samples.cpu(),
+        return {"samples": None if self.samples is None else self.samples.cpu(), "evaluations": self.evaluations,
                 "trajectories": None if self.trajectories is None else self.trajectories.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
+        self.evaluations = int(state.get("evaluations", 0))
         self.samples = None if state.get("samples") is None else state["samples"].to(self.device)
         if state.get("trajectories") is not None:
             self.trajectories = TrajectoryAnchor.from_state_dict(state["trajectories"])
