@@ -73,7 +73,8 @@ def main() -> None:
         f"difference {results['marginal_abs_gap_nats']:.2f} nats; the table above has the random-subset and "
         "regenerated-group values).", "",
         f"AO-ARM-E's log-mean-exp lies {results['jensen_gap_nats']:.2f} nats above the mean of its per-order values "
-        "(the self-consistency loss's fixed point is the order-averaged chain rule); against that mean the gap is "
+        "(the self-consistency loss's fixed point has the order-averaged chain rule's level, though not its per-image "
+        "values: README, \"The remaining per-image error is systematic\"); against that mean the gap is "
         f"{results['calibration']['full test vs order mean']['gap_nats']:+.2f} nats"
         + (f", and the reference-free drift estimate over {results['drift']['n']} test images (no chain rule) says "
            f"{results['drift']['drift_nats']:+.2f} ± {results['drift']['drift_se_nats']:.2f} nats" if results.get("drift") else "")
