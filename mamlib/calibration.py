@@ -42,7 +42,8 @@ def consistency_drift(net, rows: torch.Tensor, batch_size: int, device, generato
 
     Along any order the self-consistency residuals telescope, sum_t r_t = f(empty) - f(x) + log p_sigma(x), so with the
     order and the step uniform, -D * E[r] is exactly that mean (E_sigma log p_sigma is the order-averaged chain rule,
-    the fixed point of the self-consistency loss; AO-ARM-E's log-mean-exp lies above it by a Jensen gap). One
+    whose level the self-consistency loss's fixed point has, though not its per-example values: scripts/fixed_point.py;
+    AO-ARM-E's log-mean-exp lies above it by a Jensen gap). One
     conditional and one marginal pass per row and no chain rule, but a noisy one: the standard error is
     D * std(r) / sqrt(rows) (about 2 nats for 4,096 MNIST rows when the residuals' rms is 0.17).
     """

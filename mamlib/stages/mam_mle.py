@@ -197,7 +197,7 @@ def sample_rows(split, count, seed: int) -> torch.Tensor:
 
 def ensemble_and_single_order(net, rows, mask, orders: int, batch_size: int, device, steps_per_pass: int = 1):
     """AO-ARM-E (``orders`` random orders, log-mean-exp), AO-ARM-S along one more, independent random order, and the
-    mean of E's per-order values (an estimate of E_sigma log p_sigma, the self-consistency loss's fixed point).
+    mean of E's per-order values (an estimate of E_sigma log p_sigma, the level of the self-consistency loss's fixed point).
 
     S must not reuse one of E's orders: a shared order is one of E's terms and inflates their agreement.
     """
