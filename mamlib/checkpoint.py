@@ -15,6 +15,7 @@ import torch
 
 from .errors import UserError
 from .files import atomic_write
+from .nets.base import ARCH_DEFAULTS
 
 FORMAT_VERSION = 2
 
@@ -94,10 +95,6 @@ def check_same_data(saved: dict, current: dict, path) -> None:
         if saved.get(key) != current.get(key):
             raise CheckpointError(f"checkpoint {path} was trained with dataset {key}={saved.get(key)!r}, "
                                   f"but this run uses {key}={current.get(key)!r}; pick the matching dataset or checkpoint")
-
-
-# arch options added after checkpoints were written without them: their absence means this value
-ARCH_DEFAULTS = {"marginal_head": "pooled", "marginal_encoder": "shared"}
 
 
 def check_same_arch(saved: dict, current: dict, path) -> None:

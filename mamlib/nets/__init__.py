@@ -1,7 +1,7 @@
 """Backbones: image U-Net, bidirectional transformer, residual MLP pair. All share the interface in base.py."""
 from __future__ import annotations
 
-from .base import Backbone
+from .base import ARCH_DEFAULTS, Backbone
 from .mlp import MLPPair
 from .transformer import Transformer
 
@@ -15,10 +15,11 @@ def build_backbone(arch_cfg, num_classes: int, num_positions: int, image_shape=N
         return Transformer(num_classes, num_positions, d_model=arch_cfg.d_model, num_layers=arch_cfg.num_layers,
                            num_heads=arch_cfg.num_heads, mlp_dim=arch_cfg.mlp_dim, dropout=arch_cfg.dropout,
                            marginal=marginal, marginal_hidden=arch_cfg.marginal_hidden,
-                           marginal_head=arch_cfg.get("marginal_head", "pooled"))
+                           marginal_head=arch_cfg.get("marginal_head", ARCH_DEFAULTS["marginal_head"]))
     if name == "mlp":
         return MLPPair(num_classes, num_positions, hidden=arch_cfg.hidden, num_layers=arch_cfg.num_layers,
-                       residual=arch_cfg.residual, marginal=marginal, marginal_head=arch_cfg.get("marginal_head", "pooled"))
+                       residual=arch_cfg.residual, marginal=marginal,
+                       marginal_head=arch_cfg.get("marginal_head", ARCH_DEFAULTS["marginal_head"]))
     if name == "unet":
         from .unet import UNet
 
@@ -28,8 +29,8 @@ def build_backbone(arch_cfg, num_classes: int, num_positions: int, image_shape=N
         return UNet(image_shape=tuple(image_shape), num_classes=num_classes, channels=arch_cfg.channels,
                     num_res_blocks=arch_cfg.num_res_blocks, attention=arch_cfg.attention, dropout=arch_cfg.dropout,
                     marginal=marginal, marginal_hidden=arch_cfg.marginal_hidden,
-                    marginal_head=arch_cfg.get("marginal_head", "pooled"),
-                    marginal_encoder=arch_cfg.get("marginal_encoder", "shared"))
+                    marginal_head=arch_cfg.get("marginal_head", ARCH_DEFAULTS["marginal_head"]),
+                    marginal_encoder=arch_cfg.get("marginal_encoder", ARCH_DEFAULTS["marginal_encoder"]))
     raise ValueError(f"unknown arch {name!r}; choose one of {ARCH_NAMES}")
 
 

@@ -194,6 +194,7 @@ class MarginalHead(nn.Module):
 
 
 MARGINAL_ENCODERS = ("shared", "own")
+ENCODER_PARTS = ("down", "middle_in", "middle_attention", "middle_out")  # copied for marginal_encoder="own"
 
 
 class UNet(Backbone):
@@ -237,8 +238,7 @@ class UNet(Backbone):
                 self.marginal_middle_in = ResBlock(channels, channels, time_dim, dropout)
                 self.marginal_middle_attention = SpatialAttention(channels)
                 self.marginal_middle_out = ResBlock(channels, channels, time_dim, dropout)
-                self.marginal_prefixes += ("marginal_down.", "marginal_middle_in.", "marginal_middle_attention.",
-                                           "marginal_middle_out.")
+                self.marginal_prefixes += tuple(f"marginal_{part}." for part in ENCODER_PARTS)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.checkpoint_stages = bool(enabled)
@@ -259,8 +259,8 @@ class UNet(Backbone):
             return False
         self.marginal_up.load_state_dict(self.up.state_dict())
         if self.marginal_encoder == "own":
-            for name in ("down", "middle_in", "middle_attention", "middle_out"):
-                getattr(self, "marginal_" + name).load_state_dict(getattr(self, name).state_dict())
+            for part in ENCODER_PARTS:
+                getattr(self, "marginal_" + part).load_state_dict(getattr(self, part).state_dict())
         return True
 
     def _check_inputs(self, x: torch.Tensor, observed_mask: torch.Tensor):
