@@ -99,6 +99,28 @@ class Timer:
         return {"median_s": statistics.median(seconds), "calls": len(seconds),
                 "peak_mib": peak_memory_mib() if can_reset else None}
 
+    def paired(self, first, second, label: str = "", first_per_round: int = 1) -> tuple[dict, dict]:
+        """Medians of ``first()`` and ``second()`` timed in alternation, for a ratio of two cases: the machine's speed
+        drifts between cases timed minutes apart (a MaM/AO-ARM-S ratio moved 0.66-0.93 D that way), and adjacent
+        calls see the same drift. ``first_per_round`` calls of a cheap ``first`` per call of ``second``."""
+        if self.bar is not None:
+            self.bar.set_postfix_str(label, refresh=False)
+        for _ in range(self.warmup):
+            first(), second()
+        seconds = ([], [])
+        while len(seconds[1]) < self.repeats or (sum(seconds[0]) + sum(seconds[1]) < self.min_seconds
+                                                  and len(seconds[1]) < self.max_repeats):
+            for fn, times, calls in zip((first, second), seconds, (first_per_round, 1)):
+                for _ in range(calls):
+                    synchronize(self.device)
+                    start = time.perf_counter()
+                    fn()
+                    synchronize(self.device)
+                    times.append(time.perf_counter() - start)
+        if self.bar is not None:
+            self.bar.update(1)
+        return tuple({"median_s": statistics.median(times), "calls": len(times)} for times in seconds)
+
 
 def train_step(net, loss_fn, parameters, backpropagates: bool = False):
     """One optimizer step; ``backpropagates``: loss_fn runs its own backward (an objective's loss_and_backward)."""
@@ -198,12 +220,20 @@ def query_cases(net, K, D, common, batch, device, timer: Timer):
                      "note": f"{measured} of {D} steps timed, x{D / measured:.4g}"})
         if best is None or full_seconds < best[1]:
             best = (steps_per_pass, full_seconds)
-    steps_per_pass, single_order = best
-    note = f"steps_per_pass={steps_per_pass} (fastest above); {measured} of {D} steps timed"
+    steps_per_pass = best[0]
+    # the ratio comes from the two cases timed again in alternation: the fastest of five medians above is biased low,
+    # and the marginal pass was timed before them
+    paired_marginal, paired_chain = timer.paired(
+        lambda: normalized_log_marginal(net, x, full, normalizer),
+        lambda: arm.chain_rule_log_prob(net, x, prefix_mask, order=order, steps_per_pass=steps_per_pass),
+        f"{common['backbone']} marginal pass vs chain rule")
+    single_order, marginal_s = paired_chain["median_s"] * D / measured, paired_marginal["median_s"]
+    note = (f"steps_per_pass={steps_per_pass} (fastest above); {measured} of {D} steps timed, in alternation with "
+            f"the marginal pass ({marginal_s:.4g} s, {paired_marginal['calls']} pairs)")
     rows.append({**common, "case": "AO-ARM-S log p(x) (1 order)", "batch": batch, "median_s": single_order,
-                 "ratio": single_order / marginal["median_s"], "note": note + "; ratio = time / marginal pass"})
+                 "ratio": single_order / marginal_s, "note": note + "; ratio = time / marginal pass"})
     rows.append({**common, "case": "AO-ARM-E log p(x) (5 orders)", "batch": batch, "median_s": 5 * single_order,
-                 "ratio": 5 * single_order / marginal["median_s"], "note": "5 x AO-ARM-S; ratio = time / marginal pass"})
+                 "ratio": 5 * single_order / marginal_s, "note": "5 x AO-ARM-S; ratio = time / that marginal pass"})
     return rows
 
 
@@ -215,7 +245,7 @@ def ising_cases(sizes: str, device, timer: Timer, sides, batch_override: int | N
     preset = SIZE_OVERRIDES[sizes]["preset"]
     for side in sides:
         D = side * side
-        steps = {}
+        step_functions = {}
         for model, logp_mc in (("MAM", False), ("ARM", False), ("ARM", True)):
             cfg = compose_config("ising_eb", [f"preset={preset}", f"ising_model.dim={side}", f"model={model}", f"logp_mc={logp_mc}"])
             if batch_override:
@@ -228,15 +258,20 @@ def ising_cases(sizes: str, device, timer: Timer, sides, batch_override: int | N
             label = {("MAM", False): "Ising MaM-KL step", ("ARM", False): "Ising ARM step (exact log p)",
                      ("ARM", True): "Ising ARM-MC step (one-step log p)"}[(model, logp_mc)]
             piecewise = getattr(objective, "loss_and_backward", None)
-            loss_fn = (lambda: piecewise(None)) if piecewise else (lambda: objective.loss(None)[0])
-            result = timer(train_step(net, loss_fn, net.parameters(), backpropagates=piecewise is not None), f"{label}, D={D}")
-            steps[label] = result["median_s"]
+            # defaults bind this iteration's objects: the steps are called again after the loop (the paired timing)
+            loss_fn = (lambda run=piecewise: run(None)) if piecewise else (lambda run=objective: run.loss(None)[0])
+            step_functions[label] = train_step(net, loss_fn, net.parameters(), backpropagates=piecewise is not None)
+            result = timer(step_functions[label], f"{label}, D={D}")
             note = f"steps_per_pass={cfg.eval.steps_per_pass}" if (model, logp_mc) == ("ARM", False) else ""
             rows.append({"backbone": "MLP", "sizes": sizes, "D": D, "case": label, "batch": cfg.train.batch_size, **result,
                          "note": note})
-        ratio = steps["Ising ARM step (exact log p)"] / steps["Ising MaM-KL step"]
+        # the ratio from the two steps timed again in alternation (see Timer.paired), five MaM steps per ARM step
+        mam, arm_exact = timer.paired(step_functions["Ising MaM-KL step"], step_functions["Ising ARM step (exact log p)"],
+                                      f"Ising MaM vs ARM, D={D}", first_per_round=5)
+        ratio = arm_exact["median_s"] / mam["median_s"]
         rows.append({"backbone": "MLP", "sizes": sizes, "D": D, "case": "Ising ARM / MaM step time", "ratio": ratio,
-                     "note": f"{ratio / D:.3g} x D"})
+                     "note": f"{ratio / D:.3g} x D; timed in alternation: ARM {arm_exact['median_s']:.4g} s "
+                             f"({arm_exact['calls']} calls), MaM {mam['median_s']:.4g} s ({mam['calls']} calls)"})
     return rows
 
 
@@ -294,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 2
     jobs = [(size, kind) for size in sizes for kind in ("mle", "ising") if args.only in ("all", kind)]
-    cases_per_job = {"mle": len(data_backbones("cpu")) * (3 + len(STEPS_PER_PASS)) + 1, "ising": 3 * len(sides)}  # + 1: U-Net checkpointing
+    cases_per_job = {"mle": len(data_backbones("cpu")) * (4 + len(STEPS_PER_PASS)) + 1, "ising": 4 * len(sides)}  # + 1: U-Net checkpointing
     bar = progress(total=sum(cases_per_job[kind] for _, kind in jobs), desc="bench", unit="case")
     timer = Timer(device, args.repeats, args.warmup, bar, min_seconds=args.min_seconds)
     rows: list[dict] = []

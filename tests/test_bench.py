@@ -33,3 +33,15 @@ def test_timer_repeats_cheap_cases_up_to_its_time_budget():
     # a reached budget stops it: each call takes >= 10 ms, so 50 ms are spent after at most 5 calls
     nap = lambda: time.sleep(0.01)
     assert 1 <= bench.Timer(torch.device("cpu"), repeats=1, warmup=0, min_seconds=0.05, max_repeats=1000)(nap)["calls"] <= 5
+
+
+def test_paired_timer_alternates_the_two_cases():
+    calls = []
+    first, second = bench.Timer(torch.device("cpu"), repeats=3, warmup=1).paired(lambda: calls.append("a"),
+                                                                                  lambda: calls.append("b"))
+    assert calls == ["a", "b"] * 4  # one warm-up pair, then three timed pairs, never two of a kind in a row
+    assert first["calls"] == second["calls"] == 3 and first["median_s"] >= 0 and second["median_s"] >= 0
+    # the time budget counts both cases: 10 ms per pair reaches 50 ms after at most 5 pairs
+    nap = lambda: time.sleep(0.005)
+    first, _ = bench.Timer(torch.device("cpu"), repeats=1, warmup=0, min_seconds=0.05, max_repeats=1000).paired(nap, nap)
+    assert 1 <= first["calls"] <= 5
