@@ -203,17 +203,18 @@ def query_cases(net, K, D, common, batch, device, timer: Timer):
     x = torch.randint(0, K, (batch, D), generator=generator).to(device)
     full = torch.ones_like(x, dtype=torch.bool)
     normalizer = log_normalizer(net, device)  # frozen: computed once, as the scripts and mamlib.load do
-    marginal = timer(lambda: normalized_log_marginal(net, x, full, normalizer), f"{common['backbone']} marginal pass")
+    marginal_query = lambda: normalized_log_marginal(net, x, full, normalizer)
+    marginal = timer(marginal_query, f"{common['backbone']} marginal pass")
     rows = [{**common, "case": "marginal pass f(x) - f(empty)", "batch": batch, **marginal, "note": "f(empty) cached"}]
     order = random_order(batch, D, device=device)
     measured = min(CHAIN_STEPS_MEASURED, D)
     prefix_mask = order < measured  # a |S| = measured query: the chain rule takes exactly `measured` steps
+    chain_query = lambda steps_per_pass: arm.chain_rule_log_prob(net, x, prefix_mask, order=order, steps_per_pass=steps_per_pass)
     best = None
     for steps_per_pass in STEPS_PER_PASS:
         if steps_per_pass > measured:
             break
-        result = timer(lambda: arm.chain_rule_log_prob(net, x, prefix_mask, order=order, steps_per_pass=steps_per_pass),
-                       f"{common['backbone']} chain rule x{steps_per_pass}")
+        result = timer(lambda: chain_query(steps_per_pass), f"{common['backbone']} chain rule x{steps_per_pass}")
         full_seconds = result["median_s"] * D / measured
         rows.append({**common, "case": f"exact likelihood, steps_per_pass={steps_per_pass}", "batch": batch,
                      "median_s": full_seconds, "peak_mib": result["peak_mib"],
@@ -223,10 +224,8 @@ def query_cases(net, K, D, common, batch, device, timer: Timer):
     steps_per_pass = best[0]
     # the ratio comes from the two cases timed again in alternation: the fastest of five medians above is biased low,
     # and the marginal pass was timed before them
-    paired_marginal, paired_chain = timer.paired(
-        lambda: normalized_log_marginal(net, x, full, normalizer),
-        lambda: arm.chain_rule_log_prob(net, x, prefix_mask, order=order, steps_per_pass=steps_per_pass),
-        f"{common['backbone']} marginal pass vs chain rule")
+    paired_marginal, paired_chain = timer.paired(marginal_query, lambda: chain_query(steps_per_pass),
+                                                 f"{common['backbone']} marginal pass vs chain rule")
     single_order, marginal_s = paired_chain["median_s"] * D / measured, paired_marginal["median_s"]
     note = (f"steps_per_pass={steps_per_pass} (fastest above); {measured} of {D} steps timed, in alternation with "
             f"the marginal pass ({marginal_s:.4g} s, {paired_marginal['calls']} pairs)")
