@@ -42,7 +42,7 @@ def normalized_log_marginal(net, x, observed_mask, log_normalizer: float | None 
 
 def self_consistency_terms(net, x, order=None, generator=None, all_values: bool = False,
                            conditional_grad: bool = True, extra_rows: tuple | None = None, span: int = 1,
-                           prefix_gradient: float = 1.0, surprise_share: float = 0.0) -> dict:
+                           prefix_gradient: float = 1.0, surprise_share: float = 0.0, extensions: int = 1) -> dict:
     """One sampled constraint per row, f(empty), and f on the extended prefix (reused by the anchor term).
 
     With d ~ U{1..D}: residual = f(x_sigma(<d)) + log p_phi(x_sigma(d) | x_sigma(<d)) - f(x_sigma(<=d)).
@@ -69,10 +69,15 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
     residual is weighted by uniform / proposal probability: the same expected loss, with more of the draws on the
     steps whose conditional is far from certain, where f has something to learn (one pass gives every position's
     conditional, so the draw costs no extra pass).
+    ``extensions`` = m > 1: m next positions per prefix (drawn independently, from the surprise proposal or uniformly),
+    so one prefix pass serves m constraints; the terms then have m * B rows, row k * B + b for draw k of row b.
     """
+    if extensions < 1:
+        raise ValueError(f"consistency_extensions={extensions} must be at least 1")
     if span > 1:
-        if all_values or surprise_share:
-            raise ValueError("consistency_span > 1 needs consistency_values=sampled and step_surprise_share=0")
+        if all_values or surprise_share or extensions > 1:
+            raise ValueError("consistency_span > 1 needs consistency_values=sampled, step_surprise_share=0 and "
+                             "consistency_extensions=1")
         return span_terms(net, x, span, order=order, generator=generator, conditional_grad=conditional_grad,
                           extra_rows=extra_rows, prefix_gradient=prefix_gradient)
     batch, dim = x.shape
@@ -81,18 +86,27 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
     else:
         step = torch.randint(0, dim, (batch,), device=x.device, generator=generator)  # 0-based index of sigma(d)
         prefix_mask, position = observed_before(order, step), index_at(order, step)
-    rows = torch.arange(batch, device=x.device)
     weight = None
-    if surprise_share:  # the prefix's pass gives every position's conditional: draw the step from them
+    if surprise_share or extensions > 1:  # the prefix's pass gives every position's conditional: draw the steps from them
         if all_values:
-            raise ValueError("step_surprise_share > 0 needs consistency_values=sampled")
+            raise ValueError("step_surprise_share > 0 and consistency_extensions > 1 need consistency_values=sampled")
         f_prefix, all_logits = net(x, prefix_mask, need_logits=True, need_marginal=True)
-        surprise = -value_log_probs(torch.log_softmax(all_logits.detach().float(), dim=-1), x)
-        proposal = surprise_proposal(surprise, ~prefix_mask, surprise_share)
-        position = torch.multinomial(proposal, 1, generator=generator).squeeze(1)
-        weight = 1.0 / ((~prefix_mask).sum(1).float() * proposal[rows, position])
+        remaining = ~prefix_mask
+        if surprise_share:
+            surprise = -value_log_probs(torch.log_softmax(all_logits.detach().float(), dim=-1), x)
+            proposal = surprise_proposal(surprise, remaining, surprise_share)
+        else:
+            proposal = remaining.float() / remaining.sum(1, keepdim=True)
+        drawn = torch.multinomial(proposal, extensions, replacement=extensions > 1, generator=generator).t()  # (m, B)
+        rows = torch.arange(batch, device=x.device).repeat(extensions)
+        position = drawn.reshape(-1)
+        weight = 1.0 / (remaining.sum(1).float()[rows] * proposal[rows, position])  # 1 for a uniform draw
         logits = all_logits[rows, position]
+        if extensions > 1:
+            x, prefix_mask, f_prefix = x.repeat(extensions, 1), prefix_mask.repeat(extensions, 1), f_prefix.repeat(extensions)
+        rows = torch.arange(len(x), device=x.device)
     else:
+        rows = torch.arange(batch, device=x.device)
         f_prefix, logits = net(x, prefix_mask, need_logits=True, need_marginal=True, positions=position)
     extended_mask = prefix_mask.clone()
     extended_mask[rows, position] = True
@@ -260,7 +274,7 @@ class TrajectoryAnchor:
 def self_consistency_loss(net, x, log_z: float | torch.Tensor = 0.0, order=None, generator=None,
                           anchor_weight: float = 0.0, anchor_draws: int = 1, all_values: bool = False,
                           trajectories: TrajectoryAnchor | None = None, span: int = 1, prefix_gradient: float = 1.0,
-                          surprise_share: float = 0.0):
+                          surprise_share: float = 0.0, extensions: int = 1):
     """D * mean(residual^2) + (f(empty) - log_z)^2 [+ anchor_weight * mean((f(S) - f(empty) - anchor)^2) / D].
 
     The anchor term regresses the normalised marginal of the extended prefix S on :func:`anchor_target`; its
@@ -271,10 +285,13 @@ def self_consistency_loss(net, x, log_z: float | torch.Tensor = 0.0, order=None,
     Returns (loss, parts for logging).
     """
     anchor_rows = None
+    if anchor_weight > 0 and extensions > 1:
+        raise ValueError("anchor_weight > 0 needs consistency_extensions=1 (the anchor regresses one extended prefix per row)")
     if anchor_weight > 0 and trajectories is not None:
         *anchor_rows, anchor_values = trajectories.draw(x.shape[0], device=x.device, generator=generator)
     terms = self_consistency_terms(net, x, order=order, generator=generator, all_values=all_values, extra_rows=anchor_rows,
-                                   span=span, prefix_gradient=prefix_gradient, surprise_share=surprise_share)
+                                   span=span, prefix_gradient=prefix_gradient, surprise_share=surprise_share,
+                                   extensions=extensions)
     consistency = terms["squared_residual"].mean()
     normalizer = (terms["f_empty"] - log_z).pow(2)
     loss = x.shape[1] * consistency + normalizer

@@ -396,3 +396,37 @@ def test_prefix_gradient_switches_on_at_the_given_step_and_resumes_there():
     restored = MarginalObjective(objective.net, cfg, None, torch.device("cpu"))
     restored.load_state_dict(objective.state_dict())
     assert restored.evaluations == 3 and restored.prefix_gradient() == 0.25
+
+
+@pytest.mark.parametrize("share", [0.0, 0.7])
+def test_extensions_draw_several_steps_per_prefix_and_keep_the_expected_loss(share):
+    # consistency_extensions=m: one prefix per row, m next positions drawn for it; row k * B + b is draw k of row b.
+    # Every drawn step adds one position outside the row's prefix, the mean of the m * B weighted squared residuals
+    # matches the one-step uniform draw's over many rows (bound: 4 standard errors), and exact consistent marginals
+    # give zero residuals.
+    torch.manual_seed(2)
+    net = MLPPair(K, D, hidden=16, num_layers=2, marginal=True)
+    x = torch.randint(0, K, (1, D)).repeat(20_000, 1)
+    with torch.no_grad():
+        uniform = self_consistency_terms(net, x, generator=torch.Generator().manual_seed(1))["squared_residual"]
+        terms = self_consistency_terms(net, x, generator=torch.Generator().manual_seed(1), surprise_share=share,
+                                       extensions=3)
+    batch = len(x)
+    assert terms["squared_residual"].shape == (3 * batch,)
+    extended = terms["extended_mask"].view(3, batch, D)
+    added = extended.sum(2)  # one position more than the row's prefix, the same prefix for all three draws
+    assert torch.equal(added[0], added[1]) and torch.equal(added[1], added[2])
+    common = extended[0] & extended[1] & extended[2]
+    assert ((extended & ~common.unsqueeze(0)).sum(2) <= 1).all()
+    weighted = terms["squared_residual"]
+    standard_error = (uniform.var() / batch + weighted.var() / weighted.numel()).sqrt()
+    assert abs(uniform.mean() - weighted.mean()) < 4 * standard_error
+    assert standard_error < 0.1 * uniform.mean()
+    exact = BruteForceNet(chain_log_joint(D, K, seed=5), D, K)
+    exact_terms = self_consistency_terms(exact, x[:100], generator=torch.Generator().manual_seed(3), surprise_share=share,
+                                         extensions=4)
+    assert exact_terms["residual"].shape == (400,) and exact_terms["residual"].abs().max() < 1e-5
+    with pytest.raises(ValueError, match="consistency_extensions"):
+        self_consistency_terms(net, x[:4], extensions=0)
+    with pytest.raises(ValueError, match="consistency_extensions=1"):
+        self_consistency_loss(net, x[:4], anchor_weight=1.0, extensions=2)

@@ -106,7 +106,8 @@ class MarginalObjective:
                                             all_values=self.cfg.get("consistency_values", "sampled") == "all",
                                             span=self.cfg.get("consistency_span", 1),
                                             prefix_gradient=self.prefix_gradient(),
-                                            surprise_share=self.cfg.get("step_surprise_share", 0.0))
+                                            surprise_share=self.cfg.get("step_surprise_share", 0.0),
+                                            extensions=self.cfg.get("consistency_extensions", 1))
         self.evaluations += 1
         return loss, parts
 
