@@ -89,15 +89,18 @@ class Timer:
         can_reset = peak_memory_reset()
         seconds = []
         while len(seconds) < self.repeats or (sum(seconds) < self.min_seconds and len(seconds) < self.max_repeats):
-            synchronize(self.device)
-            start = time.perf_counter()
-            fn()
-            synchronize(self.device)
-            seconds.append(time.perf_counter() - start)
+            seconds.append(self._seconds(fn))
         if self.bar is not None:
             self.bar.update(1)
         return {"median_s": statistics.median(seconds), "calls": len(seconds),
                 "peak_mib": peak_memory_mib() if can_reset else None}
+
+    def _seconds(self, fn) -> float:
+        synchronize(self.device)
+        start = time.perf_counter()
+        fn()
+        synchronize(self.device)
+        return time.perf_counter() - start
 
     def paired(self, first, second, label: str = "", first_per_round: int = 1) -> tuple[dict, dict]:
         """Medians of ``first()`` and ``second()`` timed in alternation, for a ratio of two cases: the machine's speed
@@ -111,12 +114,7 @@ class Timer:
         while len(seconds[1]) < self.repeats or (sum(seconds[0]) + sum(seconds[1]) < self.min_seconds
                                                   and len(seconds[1]) < self.max_repeats):
             for fn, times, calls in zip((first, second), seconds, (first_per_round, 1)):
-                for _ in range(calls):
-                    synchronize(self.device)
-                    start = time.perf_counter()
-                    fn()
-                    synchronize(self.device)
-                    times.append(time.perf_counter() - start)
+                times.extend(self._seconds(fn) for _ in range(calls))
         if self.bar is not None:
             self.bar.update(1)
         return tuple({"median_s": statistics.median(times), "calls": len(times)} for times in seconds)
