@@ -139,10 +139,9 @@ def validate(cfg: DictConfig) -> None:
                           "add arch.marginal_head=sum, or set level_fit_rows=0")
     extensions = OmegaConf.select(cfg, "consistency_extensions", default=1)
     if extensions > 1:
-        clashes = [f"{key}={value}" for key, value, plain in (
-            ("anchor_weight", OmegaConf.select(cfg, "anchor_weight", default=0), 0),
-            ("consistency_values", OmegaConf.select(cfg, "consistency_values", default="sampled"), "sampled"),
-            ("consistency_span", OmegaConf.select(cfg, "consistency_span", default=1), 1)) if value != plain]
+        clashes = [f"{key}={OmegaConf.select(cfg, key)}" for key, plain in
+                   (("anchor_weight", 0), ("consistency_values", "sampled"), ("consistency_span", 1))
+                   if OmegaConf.select(cfg, key, default=plain) != plain]
         if clashes:
             raise ConfigError(f"consistency_extensions={extensions} draws several steps for one prefix, which "
                               f"{', '.join(clashes)} cannot use: set consistency_extensions=1 or drop {', '.join(clashes)}")

@@ -98,16 +98,15 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
         else:
             proposal = remaining.float() / remaining.sum(1, keepdim=True)
         drawn = torch.multinomial(proposal, extensions, replacement=extensions > 1, generator=generator).t()  # (m, B)
-        rows = torch.arange(batch, device=x.device).repeat(extensions)
+        source = torch.arange(batch, device=x.device).repeat(extensions)  # the row each draw extends
         position = drawn.reshape(-1)
-        weight = 1.0 / (remaining.sum(1).float()[rows] * proposal[rows, position])  # 1 for a uniform draw
-        logits = all_logits[rows, position]
+        weight = 1.0 / (remaining.sum(1).float()[source] * proposal[source, position])  # 1 for a uniform draw
+        logits = all_logits[source, position]
         if extensions > 1:
-            x, prefix_mask, f_prefix = x.repeat(extensions, 1), prefix_mask.repeat(extensions, 1), f_prefix.repeat(extensions)
-        rows = torch.arange(len(x), device=x.device)
+            x, prefix_mask, f_prefix = x[source], prefix_mask[source], f_prefix[source]
     else:
-        rows = torch.arange(batch, device=x.device)
         f_prefix, logits = net(x, prefix_mask, need_logits=True, need_marginal=True, positions=position)
+    rows = torch.arange(len(x), device=x.device)
     extended_mask = prefix_mask.clone()
     extended_mask[rows, position] = True
     f_prefix = scale_gradient(f_prefix, prefix_gradient)
