@@ -97,13 +97,13 @@ def check_same_data(saved: dict, current: dict, path) -> None:
                                   f"but this run uses {key}={current.get(key)!r}; pick the matching dataset or checkpoint")
 
 
-def check_same_arch(saved: dict, current: dict, path) -> None:
-    """Fail with both values when the architecture options differ (resuming needs the very same network)."""
+def check_same_arch(saved: dict, current: dict, path, purpose: str = "resume") -> None:
+    """Fail with both values when the architecture options differ (resuming or a warm start needs the very same network)."""
     saved, current = {**ARCH_DEFAULTS, **saved}, {**ARCH_DEFAULTS, **current}
     for key in sorted(set(saved) | set(current)):
         if saved.get(key) != current.get(key):
             raise CheckpointError(f"checkpoint {path} was trained with arch.{key}={saved.get(key)!r}, "
-                                  f"but this run uses arch.{key}={current.get(key)!r}; use the same arch.* options to resume")
+                                  f"but this run uses arch.{key}={current.get(key)!r}; use the same arch.* options to {purpose}")
 
 
 def load_model_state(model: torch.nn.Module, state: dict, path, allowed_missing_prefixes: tuple[str, ...] = ()) -> list[str]:

@@ -7,7 +7,7 @@ from omegaconf import OmegaConf
 
 from mamlib import arm
 from mamlib.api import Model
-from mamlib.checkpoint import load_checkpoint
+from mamlib.checkpoint import CheckpointError, load_checkpoint
 from mamlib.cli import compose_config
 from mamlib.errors import ConfigError
 from mamlib.energy.ising import IsingModel
@@ -178,3 +178,27 @@ def test_chain_buffer_keeps_the_newest_states_and_fits_a_draw_from_them():
     plain = energy.MaMEnergyObjective(objective.net, ISING, cfg, torch.device("cpu"))
     plain.samples = second
     assert plain._fit_rows() is second and plain.chain_history is None
+
+
+def test_init_from_starts_training_from_another_runs_weights(tmp_path):
+    # a warm start from another objective: the new run starts from the source's weights (a near-zero rate keeps them for
+    # one step), and checkpoints of another lattice, model or width are refused before training, in one line
+    source_dir, warm_dir = tmp_path / "squared", tmp_path / "warm"
+    _, source = train_on_3x3(source_dir, ["objective=squared", "train.max_steps=20"], marginal=True)
+    source_path = source_dir / "checkpoints" / "last.pt"
+    untrained, warm = train_on_3x3(warm_dir, [f"init_from={source_path}", "train.max_steps=1", "train.lr=1e-9"],
+                                   marginal=True)
+    largest_change = lambda a, b: max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
+    assert largest_change(warm, source) < 1e-6
+    assert largest_change(untrained, source) > 1e-2  # what the run would have started from without init_from
+    cfg = compose_config("ising_eb", COMMON)
+    info = {"name": "ising_3x3", "K": 2, "D": 9, "alphabet": None}
+    with pytest.raises(ConfigError, match="init_from=.* is not a file"):
+        energy.warm_start(build_backbone(cfg.arch, 2, 9, marginal=True), tmp_path / "none.pt", info, cfg.arch, True)
+    for net, info_, arch, mam, message in [
+            (build_backbone(cfg.arch, 2, 9, marginal=False), info, cfg.arch, False, "model=MAM checkpoint"),
+            (build_backbone(cfg.arch, 2, 16, marginal=True), {**info, "name": "ising_4x4", "D": 16}, cfg.arch, True,
+             "name='ising_3x3'"),
+            (None, info, OmegaConf.merge(cfg.arch, {"hidden": 32}), True, "arch.hidden=64")]:
+        with pytest.raises(CheckpointError, match=message):
+            energy.warm_start(net, source_path, info_, arch, mam)

@@ -16,7 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from .. import arm
-from ..checkpoint import load_checkpoint
+from ..checkpoint import CheckpointError, check_same_arch, check_same_data, load_checkpoint, load_model_state
 from ..evaluation import all_assignments, bits_per_dim, enumerated_kl, time_callable, write_report
 from ..errors import ConfigError
 from ..experiment import Experiment, batched, make_optimizer
@@ -249,10 +249,28 @@ def is_mam(cfg) -> bool:
     return cfg.model == "MAM"
 
 
+def warm_start(net, path, info: dict, arch_cfg, mam_model: bool) -> None:
+    """``init_from=``: another run's weights for the same target, model and architecture (any objective), loaded strictly."""
+    if not Path(path).is_file():
+        raise ConfigError(f"init_from={path} is not a file: pass an energy-based run's checkpoints/best.pt or last.pt, "
+                          "or drop init_from to start from random weights")
+    payload = load_checkpoint(path, expected_kind=(KIND,))
+    check_same_data(payload["dataset"], info, path)
+    if payload["has_marginal"] != mam_model:
+        raise CheckpointError(f"init_from={path} is a model={'MAM' if payload['has_marginal'] else 'ARM'} checkpoint, but "
+                              f"this run trains model={'MAM' if mam_model else 'ARM'}; pick a checkpoint of the same model")
+    check_same_arch(payload["arch"], OmegaConf.to_container(arch_cfg, resolve=True), path, "start from it")
+    load_model_state(net, payload["model"], path)
+    log.info("weights from %s (init_from; trained %s steps with objective=%s)", path, payload.get("step", "?"),
+             payload.get("config", {}).get("objective", "?"))
+
+
 def train(exp: Experiment, target, info) -> None:
     cfg = exp.cfg
     net = build_backbone(cfg.arch, info["K"], info["D"], marginal=is_mam(cfg)).to(exp.device)
     net.set_activation_checkpointing(cfg.train.activation_checkpointing)
+    if cfg.get("init_from"):
+        warm_start(net, cfg.init_from, info, cfg.arch, is_mam(cfg))
     objective = (MaMEnergyObjective if is_mam(cfg) else ARMEnergyObjective)(maybe_compile(net, cfg.compile), target, cfg, exp.device)
     order_kind = None if is_mam(cfg) else cfg.arm_order
     log_z = target.log_partition() if hasattr(target, "log_partition") else None
