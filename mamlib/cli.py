@@ -72,7 +72,7 @@ FIELDS: dict[str, Field] = {
     "dataset.val_fraction": at_least(0, float), "dataset.test_fraction": at_least(0, float),
     "load_pretrain": Field(bool), "loadpath_pretrain": Field(str, null=True), "freeze_conditional": Field(bool),
     "include_onpolicy": Field(bool), "onpolicy_init": one_of("samples", "data", "regenerated"), "gibbs_steps": at_least(1),
-    "chain_buffer": at_least(0), "init_from": Field(str, null=True),
+    "chain_buffer": at_least(0), "init_from": Field(str, null=True), "reward_scale": one_of("std", "none"),
     "model": one_of("MAM", "ARM"), "objective": one_of("KL", "squared", "mcmc_mle"), "keep_chains": Field(bool),
     "squared_data": one_of("uniform", "pseudo"), "logp_mc": Field(bool), "logp_mc_scale": one_of("mean", "sum"), "alpha": at_least(0, float),
     "anneal_steps": at_least(0), "anneal_start": positive(float),

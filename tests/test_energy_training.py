@@ -202,3 +202,12 @@ def test_init_from_starts_training_from_another_runs_weights(tmp_path):
             (None, info, OmegaConf.merge(cfg.arch, {"hidden": 32}), True, "arch.hidden=64")]:
         with pytest.raises(CheckpointError, match=message):
             energy.warm_start(net, source_path, info_, arch, mam)
+
+
+def test_reward_scale_centres_the_reward_and_divides_by_its_std_only_when_asked():
+    reward = torch.tensor([1.0, 2.0, 4.0, 9.0])
+    centred = energy.reinforce_weight(reward, "none")
+    assert torch.allclose(centred, reward - 4.0)
+    standardised = energy.reinforce_weight(reward, "std")
+    assert torch.allclose(standardised, centred / reward.std())
+    assert compose_config("ising_eb", ["reward_scale=none"]).reward_scale == "none"

@@ -96,6 +96,12 @@ def standardized(values: torch.Tensor) -> torch.Tensor:
     return (values - values.mean()) / (values.std() + torch.finfo(values.dtype).eps)
 
 
+def reinforce_weight(reward: torch.Tensor, reward_scale: str = "std") -> torch.Tensor:
+    """The REINFORCE weight of each sample: the reward minus the batch mean, divided by the batch std (``std``, the
+    original's) or not (``none``)."""
+    return standardized(reward) if reward_scale == "std" else reward - reward.mean()
+
+
 # -- objectives ------------------------------------------------------------------------------------
 
 class MaMEnergyObjective:
@@ -144,7 +150,7 @@ class MaMEnergyObjective:
             complete = (self.samples, torch.ones_like(self.samples, dtype=torch.bool))
             consistency, normalizer, terms = self._penalty(self.samples, extra_rows=complete)  # f(x) rides in its pass
             log_p = terms["f_extra"]
-            weight = standardized(log_p.detach() - self.log_z.detach() - self.beta * log_f)
+            weight = reinforce_weight(log_p.detach() - self.log_z.detach() - self.beta * log_f, cfg.get("reward_scale", "std"))
             surrogate = log_p
             if cfg.logp_mc:  # the original's estimate is of log p / D; "sum" scales it to an unbiased log p estimate
                 surrogate = arm.one_step_mean_log_prob(self.net, self.samples) * (D if cfg.get("logp_mc_scale") == "sum" else 1)
