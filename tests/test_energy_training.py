@@ -210,4 +210,6 @@ def test_reward_scale_centres_the_reward_and_divides_by_its_std_only_when_asked(
     assert torch.allclose(centred, reward - 4.0)
     standardised = energy.reinforce_weight(reward, "std")
     assert torch.allclose(standardised, centred / reward.std())
-    assert compose_config("ising_eb", ["reward_scale=none"]).reward_scale == "none"
+    cfg = compose_config("ising_eb", ["ising_model.dim=3", "model=ARM", "reward_scale=none"])
+    with pytest.raises(ConfigError, match="reward_scale=none applies to model=MAM only"):
+        energy.ARMEnergyObjective(build_backbone(cfg.arch, 2, 9, marginal=False), ISING, cfg, torch.device("cpu"))

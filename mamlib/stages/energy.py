@@ -226,6 +226,9 @@ class ARMEnergyObjective:
     def __init__(self, net, target, cfg, device):
         if cfg.objective != "KL":
             raise ValueError("model=ARM supports objective=KL only")
+        if cfg.get("reward_scale", "std") != "std":
+            raise ConfigError(f"reward_scale={cfg.reward_scale} applies to model=MAM only; the ARM baseline keeps the "
+                              "original's standardised reward: drop reward_scale")
         check_annealing(cfg)
         self.net, self.target, self.cfg, self.device = net, target, cfg, device
         self.log_z = None
