@@ -137,6 +137,10 @@ def validate(cfg: DictConfig) -> None:
     if level_fit_rows and OmegaConf.select(cfg, "arch.marginal_head", default="pooled") != "sum":
         raise ConfigError(f"level_fit_rows={level_fit_rows} shifts the sum head's per-position scores: "
                           "add arch.marginal_head=sum, or set level_fit_rows=0")
+    reward_scale = OmegaConf.select(cfg, "reward_scale", default="std")
+    if reward_scale != "std" and OmegaConf.select(cfg, "model", default=None) == "ARM":
+        raise ConfigError(f"reward_scale={reward_scale} applies to model=MAM only; the ARM baseline keeps the "
+                          "original's standardised reward: drop reward_scale")
     extensions = OmegaConf.select(cfg, "consistency_extensions", default=1)
     if extensions > 1:
         clashes = [f"{key}={OmegaConf.select(cfg, key)}" for key, plain in

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from mamlib import arm
 from mamlib.api import Model
 from mamlib.checkpoint import CheckpointError, load_checkpoint
-from mamlib.cli import compose_config
+from mamlib.cli import compose_config, validate
 from mamlib.errors import ConfigError
 from mamlib.energy.ising import IsingModel
 from mamlib.marginal import log_marginal
@@ -191,6 +191,9 @@ def test_init_from_starts_training_from_another_runs_weights(tmp_path):
     largest_change = lambda a, b: max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
     assert largest_change(warm, source) < 1e-6
     assert largest_change(untrained, source) > 1e-2  # what the run would have started from without init_from
+    # a resumed run continues from its own checkpoint and no longer needs (or reads) the source
+    train_on_3x3(warm_dir, [f"init_from={tmp_path / 'moved.pt'}", "resume=true", "train.max_steps=2", "train.lr=1e-9"],
+                 marginal=True)
     cfg = compose_config("ising_eb", COMMON)
     info = {"name": "ising_3x3", "K": 2, "D": 9, "alphabet": None}
     with pytest.raises(ConfigError, match="init_from=.* is not a file"):
@@ -210,6 +213,6 @@ def test_reward_scale_centres_the_reward_and_divides_by_its_std_only_when_asked(
     assert torch.allclose(centred, reward - 4.0)
     standardised = energy.reinforce_weight(reward, "std")
     assert torch.allclose(standardised, centred / reward.std())
-    cfg = compose_config("ising_eb", ["ising_model.dim=3", "model=ARM", "reward_scale=none"])
     with pytest.raises(ConfigError, match="reward_scale=none applies to model=MAM only"):
-        energy.ARMEnergyObjective(build_backbone(cfg.arch, 2, 9, marginal=False), ISING, cfg, torch.device("cpu"))
+        validate(compose_config("ising_eb", ["ising_model.dim=3", "model=ARM", "reward_scale=none"]))
+    validate(compose_config("ising_eb", ["ising_model.dim=3", "reward_scale=none"]))  # model=MAM takes it

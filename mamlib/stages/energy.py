@@ -226,9 +226,6 @@ class ARMEnergyObjective:
     def __init__(self, net, target, cfg, device):
         if cfg.objective != "KL":
             raise ValueError("model=ARM supports objective=KL only")
-        if cfg.get("reward_scale", "std") != "std":
-            raise ConfigError(f"reward_scale={cfg.reward_scale} applies to model=MAM only; the ARM baseline keeps the "
-                              "original's standardised reward: drop reward_scale")
         check_annealing(cfg)
         self.net, self.target, self.cfg, self.device = net, target, cfg, device
         self.log_z = None
@@ -278,8 +275,6 @@ def train(exp: Experiment, target, info) -> None:
     cfg = exp.cfg
     net = build_backbone(cfg.arch, info["K"], info["D"], marginal=is_mam(cfg)).to(exp.device)
     net.set_activation_checkpointing(cfg.train.activation_checkpointing)
-    if cfg.get("init_from"):
-        warm_start(net, cfg.init_from, info, cfg.arch, is_mam(cfg))
     objective = (MaMEnergyObjective if is_mam(cfg) else ARMEnergyObjective)(maybe_compile(net, cfg.compile), target, cfg, exp.device)
     order_kind = None if is_mam(cfg) else cfg.arm_order
     log_z = target.log_partition() if hasattr(target, "log_partition") else None
@@ -295,6 +290,8 @@ def train(exp: Experiment, target, info) -> None:
         checkpoint_meta=checkpoint_meta(KIND, exp, info, cfg.arch, has_marginal=is_mam(cfg)),
         extra_parameters=extra, evaluate=lambda step: training_evaluation(exp, net, target, order_kind, log_z),
         best_metric=best_metric(net, log_z))
+    if cfg.get("init_from") and not (cfg.resume and trainer.checkpoint_path.exists()):  # a resumed run has its own weights
+        warm_start(net, cfg.init_from, info, cfg.arch, is_mam(cfg))
     trainer.run(resume=cfg.resume, overwrite=cfg.get("overwrite", False))
     if exp.dist.is_main:  # the final weights are evaluated too (and may become best.pt)
         trainer.run_evaluation()
