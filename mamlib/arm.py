@@ -11,12 +11,23 @@ import torch
 import torch.nn.functional as F
 
 from .orders import index_at, observed_before, order_observed_first, random_last_steps, random_order
+from .runtime import autocast
+
+
+def conditional_logits(net, x, observed_mask, positions=None) -> torch.Tensor:
+    """float32 conditional logits: (B, D, K), or (B, K) at one position per row when ``positions`` is given.
+
+    Every conditional pass goes through here, so the network's ``conditional_precision`` (``eval.precision``) applies
+    to all of them: bf16 autocast for the pass, float32 for the log-softmax and the sums after it.
+    """
+    with autocast(x.device, getattr(net, "conditional_precision", "fp32") == "bf16"):
+        logits = net(x, observed_mask, need_logits=True, need_marginal=False, positions=positions)[1]
+    return logits.float()
 
 
 def conditional_log_probs(net, x, observed_mask) -> torch.Tensor:
     """(B, D, K) normalised log p(x_j = k | x_S) for every position j."""
-    _, logits = net(x, observed_mask, need_logits=True, need_marginal=False)
-    return F.log_softmax(logits.float(), dim=-1)
+    return F.log_softmax(conditional_logits(net, x, observed_mask), dim=-1)
 
 
 def position_log_prob(net, x, observed_mask, position) -> torch.Tensor:
@@ -25,8 +36,7 @@ def position_log_prob(net, x, observed_mask, position) -> torch.Tensor:
     Asks the backbone for that position's K logits only: normalising all D positions (and keeping them for
     backward) costs up to D times the work and memory for one number per row.
     """
-    logits = net(x, observed_mask, need_logits=True, need_marginal=False, positions=position)[1]
-    return value_log_prob(logits, x, position)
+    return value_log_prob(conditional_logits(net, x, observed_mask, position), x, position)
 
 
 def value_log_prob(position_logits: torch.Tensor, x: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
@@ -192,7 +202,7 @@ def sample(net, x, observed_mask, order=None, temperature: float = 1.0, generato
         is_new = ~known[rows, position]
         if not is_new.any():
             continue
-        logits = net(x, known, need_logits=True, need_marginal=False, positions=position)[1].float()
+        logits = conditional_logits(net, x, known, position)
         probs = F.softmax(logits / temperature, dim=-1)
         drawn = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         x[rows, position] = torch.where(is_new, drawn, x[rows, position])

@@ -35,7 +35,7 @@ from .marginal import log_normalizer, normalized_log_marginal
 from .nets import build_backbone
 from .orders import random_order
 from .progress import progress
-from .runtime import select_device, synchronize
+from .runtime import autocast, fast_bf16, select_device, synchronize
 
 # Sizes other than the presets: `compare` are the sizes at which this code was compared with the original
 # (issue 12: U-Net 64 channels x 2 blocks with attention, transformer d 128 x 4 layers, Ising MLP 512 x 4).
@@ -135,6 +135,14 @@ def train_step(net, loss_fn, parameters, backpropagates: bool = False):
     return step
 
 
+def in_bf16(loss_fn, device):
+    """The loss under bf16 autocast (backward and optimizer outside it), as the trainer runs ``train.precision=bf16``."""
+    def loss_in_bf16():
+        with autocast(device, True):
+            return loss_fn()
+    return loss_in_bf16
+
+
 def arch_config(cfg, sizes: str):
     arch = OmegaConf.to_container(cfg.arch, resolve=True)
     arch.update(SIZE_OVERRIDES[sizes].get(arch["name"], {}))
@@ -166,8 +174,13 @@ def maximum_likelihood_cases(sizes: str, device, timer: Timer, batch_override: i
         net = build_backbone(arch_config(stage1_cfg, sizes), K, D, image_shape=image_shape).to(device).train()
         batch = stage1_cfg.train.batch_size
         x = torch.randint(0, K, (batch, D), generator=generator).to(device)
-        step = train_step(net, lambda: arm.aoarm_loss(net, x)[0], net.parameters())
+        stage1_loss = lambda: arm.aoarm_loss(net, x)[0]
+        step = train_step(net, stage1_loss, net.parameters())
         rows.append({**common, "case": "stage 1 AO-ARM step", "batch": batch, **timer(step, f"{label} stage 1")})
+        if fast_bf16(device):
+            step = train_step(net, in_bf16(stage1_loss, device), net.parameters())
+            rows.append({**common, "case": "stage 1 AO-ARM step, train.precision=bf16", "batch": batch,
+                         **timer(step, f"{label} stage 1 bf16")})
 
         # the paper's stage-2 step (data + on-policy rows: the original's workload), whatever a tuned config trains on
         stage2_cfg.include_onpolicy = True
@@ -180,9 +193,13 @@ def maximum_likelihood_cases(sizes: str, device, timer: Timer, batch_override: i
         stand_in = type("Data", (), {"train": torch.randint(0, K, (max(batch, 64), D), generator=generator)})()
         objective = MarginalObjective(net, stage2_cfg, stand_in, device)
         objective.on_epoch_start(0)
-        step = train_step(net, lambda: objective.loss(x)[0], [p for p in net.parameters() if p.requires_grad])
+        stage2_loss, trained = lambda: objective.loss(x)[0], [p for p in net.parameters() if p.requires_grad]
+        step = train_step(net, stage2_loss, trained)
         rows.append({**common, "case": "stage 2 MaM step", "batch": f"{batch} + {batch} on-policy",
                      **timer(step, f"{label} stage 2")})
+        if fast_bf16(device):
+            rows.append({**common, "case": "stage 2 MaM step, train.precision=bf16", "batch": f"{batch} + {batch} on-policy",
+                         **timer(train_step(net, in_bf16(stage2_loss, device), trained), f"{label} stage 2 bf16")})
         if label == "U-Net":  # train.activation_checkpointing: the same step, blocks recomputed in backward
             net.set_activation_checkpointing(True)
             rows.append({**common, "case": "stage 2 MaM step, activation checkpointing", "batch": f"{batch} + {batch} on-policy",
@@ -219,6 +236,16 @@ def query_cases(net, K, D, common, batch, device, timer: Timer):
                      "note": f"{measured} of {D} steps timed, x{D / measured:.4g}"})
         if best is None or full_seconds < best[1]:
             best = (steps_per_pass, full_seconds)
+    if fast_bf16(device):  # eval.precision=bf16: the same chain rules with bf16 passes
+        net.set_conditional_precision("bf16")
+        for steps_per_pass in STEPS_PER_PASS:
+            if steps_per_pass > measured:
+                break
+            result = timer(lambda: chain_query(steps_per_pass), f"{common['backbone']} chain rule x{steps_per_pass} bf16")
+            rows.append({**common, "case": f"exact likelihood, steps_per_pass={steps_per_pass}, eval.precision=bf16",
+                         "batch": batch, "median_s": result["median_s"] * D / measured, "peak_mib": result["peak_mib"],
+                         "note": f"{measured} of {D} steps timed, x{D / measured:.4g}"})
+        net.set_conditional_precision("fp32")
     steps_per_pass = best[0]
     # the ratio comes from the two cases timed again in alternation: the fastest of five medians above is biased low,
     # and the marginal pass was timed before them

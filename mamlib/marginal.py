@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .arm import chain_rule_prefix_log_probs, conditional_log_probs, value_log_prob, value_log_probs
+from .arm import chain_rule_prefix_log_probs, conditional_log_probs, conditional_logits, value_log_prob, value_log_probs
 from .orders import index_at, observed_before, order_observed_first, random_order, random_prefix
 from .progress import progress
 
@@ -178,8 +178,7 @@ def span_terms(net, x, span: int, order=None, generator=None, conditional_grad: 
     order_rep, x_rep = order.repeat(span, 1), x.repeat(span, 1)
     positions = index_at(order_rep, steps)
     with torch.set_grad_enabled(conditional_grad and torch.is_grad_enabled()):
-        logits = net(x_rep, observed_before(order_rep, steps), need_logits=True, need_marginal=False,
-                     positions=positions)[1]
+        logits = conditional_logits(net, x_rep, observed_before(order_rep, steps), positions)
     span_log_prob = value_log_prob(logits, x_rep, positions).view(span, batch).sum(0)
     prefix_mask, extended_mask = observed_before(order, start), observed_before(order, start + span)
     empty_x, empty_mask = empty_like_rows(x)

@@ -24,7 +24,7 @@ from .checkpoint import check_same_arch, check_same_data, load_checkpoint, load_
 from .errors import ConfigError, TrainingDiverged
 from .files import check_writable, pid_lock, stale_temp_files
 from .progress import progress
-from .runtime import DistInfo, autocast, rng_state, set_rng_state
+from .runtime import DistInfo, autocast, resolve_precision, rng_state, set_rng_state
 
 log = logging.getLogger("mamlib")
 
@@ -60,6 +60,7 @@ class Trainer:
         self.run_dir, self.device, self.dist = Path(run_dir), device, dist_info
         self.logger, self.meta, self.evaluate = logger, checkpoint_meta or {}, evaluate
         self.checkpoint_path = self.run_dir / "checkpoints" / "last.pt"
+        self.bf16 = resolve_precision(train_cfg.get("precision", "fp32"), device) == "bf16"
         # best_metric: an evaluate() key to minimise; the step where it was lowest is kept as checkpoints/best.pt
         self.best_metric, self.best_value = best_metric, math.inf
         self.best_path = self.run_dir / "checkpoints" / "best.pt"
@@ -262,7 +263,7 @@ class Trainer:
                         break
                     if torch.is_tensor(batch):
                         batch = batch.to(self.device, non_blocking=True)
-                    with autocast(self.device, self.cfg.get("precision") == "bf16"):
+                    with autocast(self.device, self.bf16):
                         if piecewise:
                             loss_value, metrics = piecewise(batch, 1.0 / self.accumulation)
                         else:

@@ -5,6 +5,7 @@
     git worktree add /tmp/old e38086c
     PYTHONPATH=/tmp/old python scripts/time_unet_versions.py --steps-per-pass 1 8
     python scripts/time_unet_versions.py --steps-per-pass 1 4 16
+    python scripts/time_unet_versions.py --cases likelihood --steps-per-pass 4 16 --precision fp32 bf16
 
 ``likelihood``: the exact chain rule for 4 random binary images (``--steps`` of 784 steps timed, scaled to 784).
 ``stage2``: one stage-2 training step, 32 data + 32 on-policy rows (4 positions re-drawn), pooled marginal head, only
@@ -13,6 +14,7 @@ the marginal branch trainable. Medians of ``--repeats`` calls after one warm-up;
 from __future__ import annotations
 
 import argparse
+import contextlib
 import resource
 import statistics
 import time
@@ -76,7 +78,7 @@ def time_stage2(repeats: int, activation_checkpointing: bool) -> float:
 
 
 @torch.no_grad()
-def time_likelihood(steps_per_pass: int, steps: int, repeats: int) -> float:
+def time_likelihood(steps_per_pass: int, steps: int, repeats: int, precision: str = "fp32") -> float:
     torch.manual_seed(0)
     net = build_backbone(OmegaConf.create({**ARCH, "marginal_head": "pooled", "marginal_encoder": "shared"}), 2, 784,
                          image_shape=(28, 28), marginal=False).eval()
@@ -84,8 +86,13 @@ def time_likelihood(steps_per_pass: int, steps: int, repeats: int) -> float:
     x = torch.randint(0, 2, (4, 784), generator=generator)
     order = torch.stack([torch.randperm(784, generator=generator) for _ in range(4)]).argsort(1)  # rank of each position
     observed = order < steps  # a |S| = steps query: the chain rule takes exactly `steps` steps
-    return median_seconds(lambda: arm.chain_rule_log_prob(net, x, observed, order=order, steps_per_pass=steps_per_pass),
-                          repeats) * 784 / steps
+    def likelihood():
+        with contextlib.ExitStack() as stack:
+            if precision == "bf16":  # what eval.precision=bf16 does to every conditional pass (any version of the code)
+                stack.enter_context(torch.autocast("cpu", dtype=torch.bfloat16))
+            return arm.chain_rule_log_prob(net, x, observed, order=order, steps_per_pass=steps_per_pass)
+
+    return median_seconds(likelihood, repeats) * 784 / steps
 
 
 def main() -> None:
@@ -94,11 +101,15 @@ def main() -> None:
     parser.add_argument("--steps-per-pass", type=int, nargs="+", default=[1])
     parser.add_argument("--steps", type=int, default=32, help="chain-rule steps timed (scaled to 784)")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                        help="likelihood: fp32 and/or bf16 autocast passes (eval.precision)")
     args = parser.parse_args()
     if "likelihood" in args.cases:
         for steps_per_pass in args.steps_per_pass:
-            print(f"exact likelihood, 4 images x 784 steps, steps_per_pass={steps_per_pass}: "
-                  f"{time_likelihood(steps_per_pass, args.steps, args.repeats):.1f} s", flush=True)
+            for precision in args.precision:
+                seconds = time_likelihood(steps_per_pass, args.steps, args.repeats, precision)
+                print(f"exact likelihood, 4 images x 784 steps, steps_per_pass={steps_per_pass}, {precision}: "
+                      f"{seconds:.1f} s", flush=True)
     if "stage2" in args.cases:
         print(f"stage-2 step, 32 + 32 rows: {time_stage2(args.repeats, activation_checkpointing=True):.2f} s", flush=True)
     print(f"peak resident memory: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")

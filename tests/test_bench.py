@@ -54,7 +54,8 @@ def test_unet_version_timer_runs_on_this_checkout(capsys, monkeypatch):
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "time_unet_versions.py"
     monkeypatch.setattr(sys, "argv", [str(script), "--cases", "likelihood", "--steps", "1", "--repeats", "1",
-                                      "--steps-per-pass", "1"])
+                                      "--steps-per-pass", "1", "--precision", "fp32", "bf16"])
     runpy.run_path(str(script), run_name="__main__")
     out = capsys.readouterr().out
-    assert "exact likelihood, 4 images x 784 steps, steps_per_pass=1:" in out and "peak resident memory" in out
+    assert "exact likelihood, 4 images x 784 steps, steps_per_pass=1, fp32:" in out and "peak resident memory" in out
+    assert "steps_per_pass=1, bf16:" in out

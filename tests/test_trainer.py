@@ -183,3 +183,14 @@ def test_moving_average_decay_out_of_range_is_refused(tmp_path):
     from mamlib.errors import ConfigError
     with pytest.raises(ConfigError, match="train.ema_decay=1.0 is out of range"):
         make_trainer(tmp_path, max_steps=1, ema_decay=1.0)
+
+
+def test_precision_auto_follows_the_hardware(monkeypatch):
+    from mamlib import runtime
+
+    cpu = torch.device("cpu")
+    assert runtime.resolve_precision("fp32", cpu) == "fp32" and runtime.resolve_precision("bf16", cpu) == "bf16"
+    for amx, avx512_bf16, expected in [(True, False, "bf16"), (False, True, "bf16"), (False, False, "fp32")]:
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda amx=amx: amx, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda value=avx512_bf16: value, raising=False)
+        assert runtime.resolve_precision("auto", cpu) == expected

@@ -24,6 +24,7 @@ class Backbone(nn.Module):
     num_classes: int
     num_positions: int
     marginal_prefixes: tuple[str, ...] = ()
+    conditional_precision: str = "fp32"  # read by mamlib.arm.conditional_logits for every conditional pass
 
     @property
     def has_marginal(self) -> bool:
@@ -45,6 +46,13 @@ class Backbone(nn.Module):
         if enabled:
             raise ValueError(f"train.activation_checkpointing=true is implemented for arch=unet only, not "
                              f"{type(self).__name__}: set train.activation_checkpointing=false")
+
+    def set_conditional_precision(self, precision: str) -> None:
+        """``eval.precision``: run the conditional passes (chain rule, sampling) under bf16 autocast, or in fp32.
+        Marginal-network passes are not affected: f(x_S) is one pass, and its sum over D positions needs fp32."""
+        if precision not in ("fp32", "bf16"):
+            raise ValueError(f"eval.precision={precision!r} is unknown; use fp32 or bf16")
+        self.conditional_precision = precision
 
     def marginal_score_bias(self) -> torch.Tensor | None:
         """The bias added to every per-position score of the ``sum`` marginal head (None for ``pooled``): shifting it by
@@ -88,4 +96,4 @@ class MaskedSum(nn.Module):
         self.empty = nn.Parameter(torch.zeros(()))
 
     def forward(self, scores: torch.Tensor, observed_mask: torch.Tensor) -> torch.Tensor:
-        return self.empty + (scores * observed_mask).sum(1)
+        return self.empty + (scores.float() * observed_mask).sum(1)  # fp32 sum: D bf16 terms would lose ~0.5 nats

@@ -13,6 +13,7 @@ from ..checkpoint import check_same_data, load_checkpoint, load_model_state
 from ..errors import ConfigError
 from ..files import save_npy_atomic, write_text_atomic
 from ..experiment import Experiment, config_dict, read_score_input, score_output_path, setup, write_score_output
+from ..runtime import resolve_precision
 from ..trainer import Trainer, epoch_batches, num_epoch_batches
 
 log = logging.getLogger("mamlib")
@@ -163,9 +164,11 @@ def fit_on_data(exp: Experiment, dataset, net, objective, optimizer, meta: dict,
 
 def load_model(exp: Experiment, dataset_info: dict, kind: str, image_shape=None) -> Model:
     """The run's (or ``loadpath=``) checkpoint of this stage as a :class:`mamlib.api.Model` on the run's device, checked
-    against the run's data."""
-    return Model.from_checkpoint(resolve_checkpoint(exp), device=exp.device, kinds=(kind,), expected_data=dataset_info,
-                                 image_shape=image_shape)
+    against the run's data; its conditional passes run at ``eval.precision``."""
+    model = Model.from_checkpoint(resolve_checkpoint(exp), device=exp.device, kinds=(kind,), expected_data=dataset_info,
+                                  image_shape=image_shape)
+    model.net.set_conditional_precision(resolve_precision(exp.cfg.eval.get("precision", "fp32"), exp.device))
+    return model
 
 
 def load_trained(exp: Experiment, dataset, kind: str):
