@@ -225,27 +225,22 @@ def query_cases(net, K, D, common, batch, device, timer: Timer):
     measured = min(CHAIN_STEPS_MEASURED, D)
     prefix_mask = order < measured  # a |S| = measured query: the chain rule takes exactly `measured` steps
     chain_query = lambda steps_per_pass: arm.chain_rule_log_prob(net, x, prefix_mask, order=order, steps_per_pass=steps_per_pass)
-    best = None
-    for steps_per_pass in STEPS_PER_PASS:
-        if steps_per_pass > measured:
-            break
-        result = timer(lambda: chain_query(steps_per_pass), f"{common['backbone']} chain rule x{steps_per_pass}")
-        full_seconds = result["median_s"] * D / measured
-        rows.append({**common, "case": f"exact likelihood, steps_per_pass={steps_per_pass}", "batch": batch,
-                     "median_s": full_seconds, "peak_mib": result["peak_mib"],
-                     "note": f"{measured} of {D} steps timed, x{D / measured:.4g}"})
-        if best is None or full_seconds < best[1]:
-            best = (steps_per_pass, full_seconds)
-    if fast_bf16(device):  # eval.precision=bf16: the same chain rules with bf16 passes
-        net.set_conditional_precision("bf16")
+    best = None  # fastest fp32 steps_per_pass: the ratios below compare fp32 with fp32
+    # eval.precision=bf16 where the device has fast bf16: the same chain rules with bf16 passes
+    for precision in ["fp32"] + (["bf16"] if fast_bf16(device) else []):
+        net.set_conditional_precision(precision)
+        label = "" if precision == "fp32" else ", eval.precision=bf16"
         for steps_per_pass in STEPS_PER_PASS:
             if steps_per_pass > measured:
                 break
-            result = timer(lambda: chain_query(steps_per_pass), f"{common['backbone']} chain rule x{steps_per_pass} bf16")
-            rows.append({**common, "case": f"exact likelihood, steps_per_pass={steps_per_pass}, eval.precision=bf16",
-                         "batch": batch, "median_s": result["median_s"] * D / measured, "peak_mib": result["peak_mib"],
+            result = timer(lambda: chain_query(steps_per_pass), f"{common['backbone']} chain rule x{steps_per_pass}{label}")
+            full_seconds = result["median_s"] * D / measured
+            rows.append({**common, "case": f"exact likelihood, steps_per_pass={steps_per_pass}{label}", "batch": batch,
+                         "median_s": full_seconds, "peak_mib": result["peak_mib"],
                          "note": f"{measured} of {D} steps timed, x{D / measured:.4g}"})
-        net.set_conditional_precision("fp32")
+            if precision == "fp32" and (best is None or full_seconds < best[1]):
+                best = (steps_per_pass, full_seconds)
+    net.set_conditional_precision("fp32")
     steps_per_pass = best[0]
     # the ratio comes from the two cases timed again in alternation: the fastest of five medians above is biased low,
     # and the marginal pass was timed before them
