@@ -90,7 +90,7 @@ def test_seq_scripts_and_bad_inputs(tmp_path):
     stage1 = tmp_path / "stage1"
     run("ao_arm/seq_main.py", stage1, *data, "arch=mlp")
     exact = check_score("ao_arm/seq_main.py", stage1, tmp_path, 8, 3, *data)
-    # eval.precision=bf16: the same chain rules with bf16 passes (so not identical), within rounding (measured 1e-3)
+    # eval.precision=bf16: the same chain rules with bf16 passes (so not identical), within rounding (measured 3e-4 to 7e-4)
     rounded = check_score("ao_arm/seq_main.py", stage1, tmp_path, 8, 3, *data, "eval.precision=bf16")
     assert np.allclose(rounded, exact, atol=0.05) and not np.array_equal(rounded, exact), (rounded, exact)
     # stage 2 with the trajectory anchor (exact chain-rule prefixes of 4 training rows, kept in the checkpoint), and the
