@@ -280,17 +280,29 @@ class Model:
             return batched(function, x, mask, positive_int(batch_size, "batch_size"), self.device, desc="log_prob").numpy()
 
     @torch.no_grad()
-    def sample(self, n: int, temperature: float = 1.0, seed=None, batch_size: int = 256) -> np.ndarray:
-        """int64 (n, D) samples by ancestral sampling (random orders; an ARM baseline: its own order)."""
+    def sample(self, n: int, temperature: float = 1.0, seed=None, batch_size: int = 256, return_log_prob: bool = False):
+        """int64 (n, D) samples by ancestral sampling (random orders; an ARM baseline: its own order).
+
+        ``return_log_prob``: also float64 (n,) log p of each sample along the order that drew it (temperature 1 only):
+        for a MaM a single-order value, the exact density of the (sample, order) pair, as importance weights need.
+        """
         n, batch_size = positive_int(n, "n"), positive_int(batch_size, "batch_size")
         temperature = self._temperature(temperature)
-        chunks = []
+        if return_log_prob and temperature != 1.0:
+            raise ModelUsageError(f"return_log_prob needs temperature=1 (got {temperature}): the log-probabilities are "
+                                  "those of the model, not of the tempered sampler")
+        chunks, log_probs = [], []
         with seeded(seed, self.device):
             for start in range(0, n, batch_size):
                 size = min(batch_size, n - start)
-                chunks.append(arm.sample_unconditional(self.net, size, order=self.ranks(size), temperature=temperature,
-                                                       device=self.device).cpu())
-        return torch.cat(chunks).numpy()
+                drawn = arm.sample_unconditional(self.net, size, order=self.ranks(size), temperature=temperature,
+                                                 device=self.device, return_log_prob=return_log_prob)
+                if return_log_prob:
+                    drawn, log_prob = drawn
+                    log_probs.append(log_prob.cpu())
+                chunks.append(drawn.cpu())
+        samples = torch.cat(chunks).numpy()
+        return (samples, torch.cat(log_probs).numpy()) if return_log_prob else samples
 
     @torch.no_grad()
     def infill(self, x, observed_mask=None, temperature: float = 1.0, seed=None, batch_size: int = 256) -> np.ndarray:

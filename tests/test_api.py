@@ -194,6 +194,12 @@ def test_arm_baseline_answers_only_prefixes_of_its_stored_order(tmp_path):
     with pytest.raises(ModelUsageError, match="method='chain'"):
         model.log_prob(x, suffix, method="marginal")
     assert model.sample(2, seed=0).shape == (2, D)
+    # return_log_prob: the draw's own log-probability, here along the stored order, so the chain rule gives the same
+    samples, log_prob = model.sample(5, seed=0, batch_size=2, return_log_prob=True)
+    assert np.array_equal(samples, model.sample(5, seed=0, batch_size=2)) and log_prob.dtype == np.float64
+    assert np.allclose(log_prob, model.log_prob(samples, method="chain"), atol=1e-5)
+    with pytest.raises(ModelUsageError, match="temperature=1"):
+        model.sample(2, temperature=0.5, return_log_prob=True)
 
 
 def test_encode_decode_round_trip_on_text_and_molecules(tmp_path):

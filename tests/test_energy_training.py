@@ -216,3 +216,34 @@ def test_reward_scale_centres_the_reward_and_divides_by_its_std_only_when_asked(
     with pytest.raises(ConfigError, match="reward_scale=none applies to model=MAM only"):
         validate(compose_config("ising_eb", ["ising_model.dim=3", "model=ARM", "reward_scale=none"]))
     validate(compose_config("ising_eb", ["ising_model.dim=3", "reward_scale=none"]))  # model=MAM takes it
+
+
+def importance_on_3x3(log_joint: torch.Tensor, count: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
+    """generate's importance report for a model whose joint over the 512 lattices is ``log_joint`` (every order exact)."""
+    model = Model(BruteForceNet(log_joint, 9, 2), {"name": "ising", "K": 2, "D": 9}, "energy", {}, has_marginal=True)
+    samples, log_q = model.sample(count, seed=0, batch_size=512, return_log_prob=True)
+    samples, log_q = torch.from_numpy(samples), torch.from_numpy(log_q)
+    cfg = OmegaConf.create({"target": "ising"})
+    return energy.target_importance(cfg, ISING, samples, log_q), samples, log_q
+
+
+def test_importance_report_is_exact_for_the_target_itself_and_estimates_it_from_another_model():
+    states = all_states(9, 2)
+    index = lambda rows: (rows * (2 ** torch.arange(8, -1, -1))).sum(1)
+    log_target = ISING.log_f(states).double() - ISING.log_partition()
+    magnetization = ((2 * states.double() - 1).mean(1) * log_target.exp()).sum().item()
+    # The target as the proposal: every weight is Z, so the estimates are exact and the ESS is the sample count.
+    report, samples, log_q = importance_on_3x3(log_target, 300)
+    assert torch.allclose(log_q, log_target[index(samples)], atol=1e-6)  # the draw's own log-probability, exact here
+    assert report["ess_fraction"] == pytest.approx(1.0, abs=1e-6)
+    assert report["log_z"] == pytest.approx(report["log_z_exact"], abs=1e-6)
+    assert report["target_magnetization_mean"] == pytest.approx((2 * samples.double() - 1).mean().item(), abs=1e-6)
+    # Another model (a chain with strong couplings, exact KL to the target 1.2 nats): the reweighted draw recovers log Z
+    # and the target's magnetisation. Measured with 2,000 draws over sampling seeds 0-4: errors at most 0.040 and 0.026,
+    # ESS fraction 0.20-0.22; the limits are about 3x those (seed 0 is used: 0.040 and 0.0001).
+    other, drawn, _ = importance_on_3x3(chain_log_joint(9, 2, seed=1), 2000)
+    assert 0.1 < other["ess_fraction"] < 0.4
+    assert other["log_z"] == pytest.approx(other["log_z_exact"], abs=0.12)
+    assert other["target_magnetization_mean"] == pytest.approx(magnetization, abs=0.08)
+    # Unweighted, the same draw is far from the target's magnetisation: the test can tell reweighting from none.
+    assert abs((2 * drawn.double() - 1).mean().item() - magnetization) > 0.2

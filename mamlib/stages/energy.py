@@ -303,8 +303,35 @@ def load_trained(exp: Experiment, info):
     return load_model(exp, info, KIND)
 
 
-def draw_samples(exp, model, count) -> torch.Tensor:
-    return torch.from_numpy(model.sample(count, batch_size=exp.cfg.eval.batch_size))
+def draw_samples(exp, model, count, return_log_prob: bool = False):
+    drawn = model.sample(count, batch_size=exp.cfg.eval.batch_size, return_log_prob=return_log_prob)
+    if return_log_prob:
+        return torch.from_numpy(drawn[0]), torch.from_numpy(drawn[1])
+    return torch.from_numpy(drawn)
+
+
+def importance_summary(log_f: torch.Tensor, log_q: torch.Tensor, values=None) -> dict:
+    """Self-normalised importance sampling of the target f / Z, with the model's own samples as the proposal.
+
+    Weights w = f(x) / q(x), q the density of the draw (for a MaM, of the (sample, order) pair: valid because the order
+    is drawn independently of x). ``log_z``: log of the mean weight (unbiased for Z, so biased low in log). ``ess_fraction``:
+    (sum w)^2 / (N sum w^2), between 1/N (one sample carries all the weight: the other figures are then unreliable) and
+    1 (q is the target). ``values``: a (N,) quantity per sample (NaN = left out, e.g. an invalid molecule, whose
+    target mass is negligible); ``value_mean`` is its reweighted mean, an estimate of its mean under the target that is
+    trustworthy only where the ESS is not tiny and q covers the target.
+    """
+    log_w = (log_f.double() - log_q.double()).cpu()
+    count = len(log_w)
+    log_z = float(torch.logsumexp(log_w, 0) - math.log(count))
+    ess = float(torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0)))
+    summary = {"log_z": log_z, "ess": ess, "ess_fraction": ess / count,
+               "max_weight_share": float(torch.exp(log_w.max() - torch.logsumexp(log_w, 0))), "num_samples": count}
+    if values is not None:
+        values = torch.as_tensor(np.asarray(values, dtype=np.float64))
+        kept = torch.isfinite(values)
+        weights = torch.softmax(log_w[kept], 0)
+        summary["value_mean"] = float((weights * values[kept]).sum()) if kept.any() else float("nan")
+    return summary
 
 
 def ranks_of(order_kind: str | None, batch_size: int, num_positions: int, device):
@@ -478,9 +505,10 @@ def plot_samples(exp: Experiment, target, samples: torch.Tensor, stem: str) -> d
 def generate(exp: Experiment, target, info) -> dict:
     cfg = exp.cfg
     model = load_trained(exp, info)
-    samples = draw_samples(exp, model, cfg.generate.num_samples)
+    samples, log_q = draw_samples(exp, model, cfg.generate.num_samples, return_log_prob=True)
     save_npy_atomic(exp.run_dir / "samples.npy", samples.numpy())
-    report = {"unconditional": plot_samples(exp, target, samples, "samples"), "num_samples": len(samples)}
+    report = {"unconditional": plot_samples(exp, target, samples, "samples"), "num_samples": len(samples),
+              "importance": target_importance(cfg, target, samples, log_q)}
     chains = metropolis_chains(exp, model)
     if chains is not None:  # what the conditionals were fitted to, beside what they generate
         report["metropolis_chains"] = {**plot_samples(exp, target, chains, "chains"), "num_chains": len(chains),
@@ -492,6 +520,20 @@ def generate(exp: Experiment, target, info) -> dict:
     if cfg.target == "molecule":
         write_moses_metrics(exp, exp.run_dir / "samples_smiles.txt")
     return report
+
+
+def target_importance(cfg, target, samples: torch.Tensor, log_q: torch.Tensor) -> dict:
+    """The samples reweighted to the target (:func:`importance_summary`): the target's mean of the molecule property or
+    of the Ising magnetisation, and log Z (beside the exact value where it is known)."""
+    if cfg.target == "ising":
+        values, name = (2 * samples.double() - 1).mean(1).numpy(), "magnetization"
+    else:
+        values, name = target.properties(samples), cfg.metric_name
+    summary = importance_summary(target.log_f(samples), log_q, values)
+    summary[f"target_{name}_mean"] = summary.pop("value_mean")
+    if hasattr(target, "log_partition"):
+        summary["log_z_exact"] = target.log_partition()
+    return summary
 
 
 def metropolis_chains(exp: Experiment, model) -> torch.Tensor | None:
