@@ -197,14 +197,46 @@ def test_init_from_starts_training_from_another_runs_weights(tmp_path):
     cfg = compose_config("ising_eb", COMMON)
     info = {"name": "ising_3x3", "K": 2, "D": 9, "alphabet": None}
     with pytest.raises(ConfigError, match="init_from=.* is not a file"):
-        energy.warm_start(build_backbone(cfg.arch, 2, 9, marginal=True), tmp_path / "none.pt", info, cfg.arch, True)
+        energy.load_initial_weights(build_backbone(cfg.arch, 2, 9, marginal=True), tmp_path / "none.pt", info, cfg.arch, True)
     for net, info_, arch, mam, message in [
             (build_backbone(cfg.arch, 2, 9, marginal=False), info, cfg.arch, False, "model=MAM checkpoint"),
             (build_backbone(cfg.arch, 2, 16, marginal=True), {**info, "name": "ising_4x4", "D": 16}, cfg.arch, True,
              "name='ising_3x3'"),
             (None, info, OmegaConf.merge(cfg.arch, {"hidden": 32}), True, "arch.hidden=64")]:
         with pytest.raises(CheckpointError, match=message):
-            energy.warm_start(net, source_path, info_, arch, mam)
+            energy.load_initial_weights(net, source_path, info_, arch, mam)
+
+
+def test_warm_start_in_one_command_is_the_two_command_recipe(tmp_path):
+    # warm_start.objective: mcmc_mle for half of 40 steps, then KL from its last weights, must give the same weights as
+    # the two runs it replaces (the second with init_from=); a re-run refuses before training, a resume skips the
+    # finished first phase
+    fraction = ["warm_start.fraction=0.5", "train.max_steps=40"]
+    untrained, one = train_on_3x3(tmp_path / "one", ["warm_start.objective=mcmc_mle"] + fraction, marginal=True)
+    first = load_checkpoint(tmp_path / "one" / "warm_start" / "checkpoints" / "last.pt")
+    second = load_checkpoint(tmp_path / "one" / "checkpoints" / "last.pt")
+    assert (first["step"], first["config"]["objective"], second["step"], second["config"]["objective"]) == \
+        (20, "mcmc_mle", 20, "KL")
+    halves = ["train.max_steps=20", "train.n_epochs=50"]
+    train_on_3x3(tmp_path / "a", ["objective=mcmc_mle"] + halves, marginal=True)
+    _, two = train_on_3x3(tmp_path / "b", [f"init_from={tmp_path / 'a' / 'checkpoints' / 'last.pt'}"] + halves,
+                          marginal=True)
+    for p, q in zip(one.parameters(), two.parameters()):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert max((p - q).abs().max().item() for p, q in zip(one.parameters(), untrained.parameters())) > 1e-3
+    with pytest.raises(ConfigError, match="already holds a checkpoint"):
+        train_on_3x3(tmp_path / "one", ["warm_start.objective=mcmc_mle"] + fraction, marginal=True)
+    first_mtime = (tmp_path / "one" / "warm_start" / "checkpoints" / "last.pt").stat().st_mtime_ns
+    train_on_3x3(tmp_path / "one", ["warm_start.objective=mcmc_mle", "resume=true"] + fraction, marginal=True)
+    assert (tmp_path / "one" / "warm_start" / "checkpoints" / "last.pt").stat().st_mtime_ns == first_mtime
+    # the ARM baseline trains with KL only and ignores the MaM-only setting, like alpha
+    train_on_3x3(tmp_path / "arm", ["model=ARM", "warm_start.objective=mcmc_mle", "train.max_steps=2"], marginal=False)
+    assert not (tmp_path / "arm" / "warm_start").exists()
+    # a warm start with the run's own objective is one phase (so `preset=cpu objective=mcmc_mle` stays one run)
+    train_on_3x3(tmp_path / "same", ["objective=mcmc_mle", "warm_start.objective=mcmc_mle", "train.max_steps=2"],
+                 marginal=True)
+    assert load_checkpoint(tmp_path / "same" / "checkpoints" / "last.pt")["step"] == 2
+    assert not (tmp_path / "same" / "warm_start").exists()
 
 
 def test_reward_scale_centres_the_reward_and_divides_by_its_std_only_when_asked():

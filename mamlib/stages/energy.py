@@ -20,12 +20,13 @@ from ..checkpoint import CheckpointError, check_same_arch, check_same_data, load
 from ..evaluation import all_assignments, bits_per_dim, enumerated_kl, time_callable, write_report
 from ..errors import ConfigError
 from ..experiment import Experiment, batched, make_optimizer
-from ..files import save_npy_atomic, write_text_atomic
+from ..files import save_npy_atomic, write_json_atomic, write_text_atomic
 from ..marginal import log_marginal, log_normalizer, normalized_log_marginal, self_consistency_terms
 from ..nets import build_backbone
 from ..orders import fixed_order, random_order
 from ..plots import save_histograms, save_image_grid
-from ..runtime import maybe_compile, synchronize
+from ..runlog import RunLogger
+from ..runtime import maybe_compile, seed_everything, synchronize
 from ..trainer import Trainer
 from .common import (checkpoint_meta, export, load_model, resolve_checkpoint, run_modes, score_file, validity_uniqueness,
                      write_moses_metrics)
@@ -255,7 +256,7 @@ def is_mam(cfg) -> bool:
     return cfg.model == "MAM"
 
 
-def warm_start(net, path, info: dict, arch_cfg, mam_model: bool) -> None:
+def load_initial_weights(net, path, info: dict, arch_cfg, mam_model: bool) -> None:
     """``init_from=``: another run's weights for the same target, model and architecture (any objective), loaded strictly."""
     if not Path(path).is_file():
         raise ConfigError(f"init_from={path} is not a file: pass an energy-based run's checkpoints/best.pt or last.pt, "
@@ -272,6 +273,55 @@ def warm_start(net, path, info: dict, arch_cfg, mam_model: bool) -> None:
 
 
 def train(exp: Experiment, target, info) -> None:
+    """``mode=train``. With ``warm_start.objective`` (model=MAM) in two phases, the two-command warm start as one: that
+    objective for ``warm_start.fraction`` of the budget in ``run_dir/warm_start``, then ``objective`` from its last
+    weights with a fresh optimizer, schedule and seed, as a second run with ``init_from=`` would."""
+    cfg = exp.cfg
+    first_objective = OmegaConf.select(cfg, "warm_start.objective", default=None)
+    if first_objective is None or first_objective == cfg.objective or not is_mam(cfg):
+        if first_objective is not None:  # like alpha and gibbs_steps, a MaM-only setting the ARM baseline ignores
+            log.info("warm_start.objective=%s is ignored: %s", first_objective, "model=ARM trains with objective=KL only"
+                     if not is_mam(cfg) else "it is the objective itself (one phase)")
+        return train_phase(exp, target, info)
+    first_dir, second_checkpoint = exp.run_dir / "warm_start", exp.run_dir / "checkpoints" / "last.pt"
+    finished = first_dir / "finished.json"
+    if second_checkpoint.exists() and not cfg.resume and not cfg.get("overwrite", False):  # before the first phase trains
+        raise ConfigError(f"{second_checkpoint} already holds a checkpoint; continue it with resume=true, "
+                          "or start over with overwrite=true (or choose another hydra.run.dir)")
+    first_cfg, second_cfg = phase_configs(cfg, first_objective, str(first_dir / "checkpoints" / "last.pt"))
+    if not (cfg.resume and (second_checkpoint.exists() or finished.exists())):
+        if exp.dist.is_main:
+            finished.unlink(missing_ok=True)
+        # its curves go to warm_start/metrics.jsonl; wandb holds the second phase (one wandb run per process)
+        logger = RunLogger(first_dir, first_cfg, mode="disabled", enabled=exp.dist.is_main)
+        log.info("warm start: objective=%s for %s of the budget in %s", first_objective, cfg.warm_start.fraction, first_dir)
+        train_phase(Experiment(first_cfg, first_dir, exp.dist, exp.device, logger), target, info)
+        if exp.dist.is_main:
+            write_json_atomic(finished, {"objective": first_objective, "checkpoint": str(first_dir / "checkpoints" / "last.pt")})
+    seed_everything(cfg.seed, exp.dist.rank)  # a fresh second phase starts as its own run would; a resumed one restores its RNG
+    log.info("warm start done: objective=%s from %s", cfg.objective, second_cfg.init_from)
+    train_phase(Experiment(second_cfg, exp.run_dir, exp.dist, exp.device, exp.logger), target, info)
+
+
+def phase_configs(cfg, first_objective: str, first_checkpoint: str):
+    """The configs of the two phases: the budget (minutes, steps, epochs) split by ``warm_start.fraction``."""
+    fraction = cfg.warm_start.fraction
+    first_train, second_train = {}, {}
+    if cfg.train.get("max_minutes"):
+        first_train["max_minutes"] = cfg.train.max_minutes * fraction
+        second_train["max_minutes"] = cfg.train.max_minutes * (1 - fraction)
+    for key in ("max_steps", "n_epochs"):
+        if cfg.train.get(key):
+            first_train[key] = max(1, round(cfg.train[key] * fraction))
+            second_train[key] = max(1, cfg.train[key] - first_train[key])
+    first_anneal = cfg.get("anneal_steps", 0) if first_objective == "KL" else 0  # annealing is KL's only
+    first = OmegaConf.merge(cfg, {"objective": first_objective, "warm_start": {"objective": None}, "train": first_train,
+                                  "anneal_steps": first_anneal})
+    second = OmegaConf.merge(cfg, {"init_from": first_checkpoint, "train": second_train})
+    return first, second
+
+
+def train_phase(exp: Experiment, target, info) -> None:
     cfg = exp.cfg
     net = build_backbone(cfg.arch, info["K"], info["D"], marginal=is_mam(cfg)).to(exp.device)
     net.set_activation_checkpointing(cfg.train.activation_checkpointing)
@@ -291,7 +341,7 @@ def train(exp: Experiment, target, info) -> None:
         extra_parameters=extra, evaluate=lambda step: training_evaluation(exp, net, target, order_kind, log_z),
         best_metric=best_metric(net, log_z))
     if cfg.get("init_from") and not (cfg.resume and trainer.checkpoint_path.exists()):  # a resumed run has its own weights
-        warm_start(net, cfg.init_from, info, cfg.arch, is_mam(cfg))
+        load_initial_weights(net, cfg.init_from, info, cfg.arch, is_mam(cfg))
     trainer.run(resume=cfg.resume, overwrite=cfg.get("overwrite", False))
     if exp.dist.is_main:  # the final weights are evaluated too (and may become best.pt)
         trainer.run_evaluation()
