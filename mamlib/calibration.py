@@ -37,7 +37,8 @@ def gap_summary(marginal, reference) -> dict:
 
 
 @torch.no_grad()
-def consistency_drift(net, rows: torch.Tensor, batch_size: int, device, generator: torch.Generator | None = None) -> dict:
+def consistency_drift(net, rows: torch.Tensor, batch_size: int, device, generator: torch.Generator | None = None,
+                      draws: int | None = None) -> dict:
     """Reference-free level of the marginal network: mean over ``rows`` of f(x) - f(empty) - E_sigma log p_sigma(x), nats.
 
     Along any order the self-consistency residuals telescope, sum_t r_t = f(empty) - f(x) + log p_sigma(x), so with the
@@ -45,11 +46,15 @@ def consistency_drift(net, rows: torch.Tensor, batch_size: int, device, generato
     whose level the self-consistency loss's fixed point has, though not its per-example values: scripts/fixed_point.py;
     AO-ARM-E's log-mean-exp lies above it by a Jensen gap). One
     conditional and one marginal pass per row and no chain rule, but a noisy one: the standard error is
-    D * std(r) / sqrt(rows) (about 2 nats for 4,096 MNIST rows when the residuals' rms is 0.17).
+    D * std(r) / sqrt(draws) (about 2 nats for 4,096 MNIST rows when the residuals' rms is 0.17).
+
+    ``draws``: (row, order, step) draws, cycling through ``rows`` with a fresh order and step each time round (default:
+    each row once). The noise is the step's, not the rows', so more draws than rows still shrink the standard error.
     """
     residuals = []
-    for start in range(0, len(rows), batch_size):
-        x = rows[start:start + batch_size].to(device)
+    draws = len(rows) if draws is None else int(draws)
+    for start in range(0, draws if len(rows) else 0, batch_size):
+        x = rows[torch.arange(start, min(start + batch_size, draws)) % len(rows)].to(device)
         residuals.append(self_consistency_terms(net, x, generator=generator)["residual"].double().cpu())
     scaled = -rows.shape[1] * torch.cat(residuals).numpy() if residuals else np.zeros(0)
     spread = float(scaled.std(ddof=1) / math.sqrt(scaled.size)) if scaled.size > 1 else math.nan

@@ -262,6 +262,11 @@ def test_consistency_drift_estimates_the_gap_to_the_order_averaged_chain_rule():
     assert abs(exact) > 0.5  # a level far from zero, so the check is not trivially passed by an estimate near 0
     assert drift["drift_nats"] == pytest.approx(exact, abs=4 * drift["drift_se_nats"]), (drift, exact)
     assert drift["drift_se_nats"] < 0.1 * abs(exact)
+    # draws beyond the rows cycle through them with fresh steps: the same residuals as the rows repeated, batch for batch
+    cycled = consistency_drift(net, x, batch_size=3, device="cpu", generator=torch.Generator().manual_seed(1), draws=7)
+    repeated = consistency_drift(net, x.repeat(4, 1)[:7], batch_size=3, device="cpu", generator=torch.Generator().manual_seed(1))
+    assert cycled == repeated and cycled["n"] == 7
+    assert consistency_drift(net, x, batch_size=3, device="cpu", draws=1)["n"] == 1
 
 
 @torch.no_grad()

@@ -168,8 +168,9 @@ def train(exp: Experiment, dataset) -> None:
 
 
 def fit_level_after_training(exp: Experiment, dataset, net, trainer) -> None:
-    """``level_fit_rows=N``: measure the finished network's drift on N training rows and remove it (see
-    :func:`mamlib.calibration.fit_level`), then save last.pt again with the drift it removed recorded."""
+    """``level_fit_rows=N``: measure the finished network's drift on N draws of training rows (the whole split, again
+    with fresh steps, when N is larger) and remove it (see :func:`mamlib.calibration.fit_level`), then save last.pt
+    again with the drift it removed recorded."""
     cfg = exp.cfg
     rows = sample_rows(dataset.train, cfg.level_fit_rows, cfg.seed + 4)
     bias = net.marginal_score_bias()
@@ -177,11 +178,12 @@ def fit_level_after_training(exp: Experiment, dataset, net, trainer) -> None:
     net.eval()
     with torch.no_grad(), trainer.averaged_weights():  # the weights the checkpoint serves
         drift = consistency_drift(net, rows, max(cfg.eval.batch_size, 64), exp.device,
-                                  generator=torch.Generator(device=exp.device).manual_seed(int(cfg.seed) + 4))
+                                  generator=torch.Generator(device=exp.device).manual_seed(int(cfg.seed) + 4),
+                                  draws=cfg.level_fit_rows)
     shift_level(net, drift["drift_nats"], [trainer.ema[name]] if trainer.ema is not None else ())
     net.train()
-    log.info("level fit: the marginal network was %+.2f ± %.2f nats off the order-averaged chain rule on %d training "
-             "rows; removed", drift["drift_nats"], drift["drift_se_nats"], drift["n"])
+    log.info("level fit: the marginal network was %+.2f ± %.2f nats off the order-averaged chain rule on %d draws of %d "
+             "training rows; removed", drift["drift_nats"], drift["drift_se_nats"], drift["n"], len(rows))
     exp.logger.log({"level_fit/drift_nats": drift["drift_nats"], "level_fit/drift_se_nats": drift["drift_se_nats"]}, trainer.step)
     trainer.meta["level_fit"] = drift
     trainer.save()
