@@ -87,6 +87,7 @@ FIELDS: dict[str, Field] = {
     "consistency_span": at_least(1), "consistency_prefix_gradient": Field(float, 0, high=1.0),
     "consistency_prefix_gradient_from": at_least(0),
     "step_surprise_share": Field(float, 0, below=1.0), "consistency_extensions": at_least(1), "level_fit_rows": at_least(0),
+    "level_fit_orders": at_least(0), "level_fit_jensen_rows": at_least(1),
     "arch.marginal_head": one_of("pooled", "sum"),
     "arch.marginal_encoder": one_of("shared", "own"),
     "train.lr_schedule": one_of("constant", "cosine"), "train.warmup_steps": at_least(0), "train.eval_at_start": Field(bool),
@@ -139,6 +140,12 @@ def validate(cfg: DictConfig) -> None:
     if level_fit_rows and OmegaConf.select(cfg, "arch.marginal_head", default="pooled") != "sum":
         raise ConfigError(f"level_fit_rows={level_fit_rows} shifts the sum head's per-position scores: "
                           "add arch.marginal_head=sum, or set level_fit_rows=0")
+    level_fit_orders = OmegaConf.select(cfg, "level_fit_orders", default=0)
+    if level_fit_orders and not level_fit_rows:
+        raise ConfigError(f"level_fit_orders={level_fit_orders} adds the Jensen gap to the level fit: "
+                          "add level_fit_rows=N (e.g. 4096), or set level_fit_orders=0")
+    if level_fit_orders == 1:
+        raise ConfigError("level_fit_orders=1 has no Jensen gap (one order's log-mean-exp is its mean): use 0 or at least 2")
     reward_scale = OmegaConf.select(cfg, "reward_scale", default="std")
     if reward_scale != "std" and OmegaConf.select(cfg, "model", default=None) == "ARM":
         raise ConfigError(f"reward_scale={reward_scale} applies to model=MAM only; the ARM baseline keeps the "

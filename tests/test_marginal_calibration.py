@@ -12,7 +12,8 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from mamlib import arm
-from mamlib.calibration import CalibrationSet, consistency_drift, fit_level, gap_summary, shift_level, group_error_summary, random_observed_masks
+from mamlib.calibration import (CalibrationSet, consistency_drift, fit_level, gap_summary, group_error_summary, jensen_gap,
+                                 random_observed_masks, shift_level)
 from mamlib.evaluation import aggregate_correlations
 from mamlib.marginal import TrajectoryAnchor, anchor_target, normalized_log_marginal, self_consistency_loss
 from mamlib.nets import MLPPair, Transformer
@@ -267,6 +268,23 @@ def test_consistency_drift_estimates_the_gap_to_the_order_averaged_chain_rule():
     repeated = consistency_drift(net, x.repeat(4, 1)[:7], batch_size=3, device="cpu", generator=torch.Generator().manual_seed(1))
     assert cycled == repeated and cycled["n"] == 7
     assert consistency_drift(net, x, batch_size=3, device="cpu", draws=1)["n"] == 1
+
+
+@torch.no_grad()
+def test_jensen_gap_estimates_how_far_ao_arm_e_lies_above_the_order_mean():
+    net = small_transformer(seed=8)  # untrained: its orders disagree, so the gap is well above 0
+    x = torch.tensor([[2, 0, 1, 1], [0, 0, 2, 1]])
+    per_order = torch.stack([arm.chain_rule_log_prob(net, x, order=torch.tensor([p]).argsort(1).argsort(1).expand(2, D))
+                             for p in itertools.permutations(range(D))])  # (24 orders, 2 rows)
+    # exact E[log-mean-exp - mean] over two independent uniform orders: all 24 x 24 ordered pairs, then over the rows
+    pairs = torch.logaddexp(per_order[:, None], per_order[None, :]) - math.log(2) - (per_order[:, None] + per_order[None, :]) / 2
+    exact = pairs.mean((0, 1)).mean().item()
+    estimate = jensen_gap(net, x.repeat(3000, 1), orders=2, batch_size=2000, device="cpu",
+                          generator=torch.Generator().manual_seed(0))
+    assert estimate["n"] == 6000 and estimate["orders"] == 2
+    assert exact > 20 * estimate["jensen_gap_se_nats"]  # far from 0, so an estimate of 0 would fail
+    assert estimate["jensen_gap_nats"] == pytest.approx(exact, abs=4 * estimate["jensen_gap_se_nats"]), (estimate, exact)
+    assert jensen_gap(net, x, orders=1, batch_size=2, device="cpu")["jensen_gap_nats"] == 0.0  # one order: no gap
 
 
 @torch.no_grad()

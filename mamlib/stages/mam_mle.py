@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from .. import arm
 from ..checkpoint import CheckpointError
-from ..calibration import (CalibrationSet, consistency_drift, flat_gap_metrics, gap_summary, group_error_summary,
+from ..calibration import (CalibrationSet, consistency_drift, jensen_gap, flat_gap_metrics, gap_summary, group_error_summary,
                            shift_level)
 from ..evaluation import aggregate_correlations, bits_per_dim, correlation_summary, time_callable, write_report
 from ..experiment import Experiment, batched, make_optimizer
@@ -169,23 +169,36 @@ def train(exp: Experiment, dataset) -> None:
 
 def fit_level_after_training(exp: Experiment, dataset, net, trainer) -> None:
     """``level_fit_rows=N``: measure the finished network's drift on N draws of training rows (the whole split, again
-    with fresh steps, when N is larger) and remove it (see :func:`mamlib.calibration.fit_level`), then save last.pt
-    again with the drift it removed recorded."""
+    with fresh steps, when N is larger) and remove it (see :func:`mamlib.calibration.fit_level`); with
+    ``level_fit_orders=M`` also add the M-order Jensen gap measured on ``level_fit_jensen_rows`` training rows, so the
+    level is AO-ARM-E's (M orders) rather than the order mean's. Then save last.pt again with both recorded."""
     cfg = exp.cfg
     rows = sample_rows(dataset.train, cfg.level_fit_rows, cfg.seed + 4)
     bias = net.marginal_score_bias()
     name = next(name for name, parameter in net.named_parameters() if parameter is bias)
     net.eval()
+    jensen = None
     with torch.no_grad(), trainer.averaged_weights():  # the weights the checkpoint serves
         drift = consistency_drift(net, rows, max(cfg.eval.batch_size, 64), exp.device,
                                   generator=torch.Generator(device=exp.device).manual_seed(int(cfg.seed) + 4),
                                   draws=cfg.level_fit_rows)
-    shift_level(net, drift["drift_nats"], [trainer.ema[name]] if trainer.ema is not None else ())
+        if cfg.level_fit_orders:
+            jensen = jensen_gap(net, rows[:cfg.level_fit_jensen_rows], cfg.level_fit_orders, cfg.eval.batch_size, exp.device,
+                                cfg.eval.steps_per_pass, torch.Generator(device=exp.device).manual_seed(int(cfg.seed) + 5))
+    removed = drift["drift_nats"] - (jensen["jensen_gap_nats"] if jensen else 0.0)
+    shift_level(net, removed, [trainer.ema[name]] if trainer.ema is not None else ())
     net.train()
     log.info("level fit: the marginal network was %+.2f ± %.2f nats off the order-averaged chain rule on %d draws of %d "
-             "training rows; removed", drift["drift_nats"], drift["drift_se_nats"], drift["n"], len(rows))
-    exp.logger.log({"level_fit/drift_nats": drift["drift_nats"], "level_fit/drift_se_nats": drift["drift_se_nats"]}, trainer.step)
-    trainer.meta["level_fit"] = drift
+             "training rows", drift["drift_nats"], drift["drift_se_nats"], drift["n"], len(rows))
+    metrics = {"level_fit/drift_nats": drift["drift_nats"], "level_fit/drift_se_nats": drift["drift_se_nats"]}
+    if jensen:
+        log.info("level fit: %d-order AO-ARM-E lies %+.2f ± %.2f nats above the order mean on %d training rows",
+                 jensen["orders"], jensen["jensen_gap_nats"], jensen["jensen_gap_se_nats"], jensen["n"])
+        metrics.update({"level_fit/jensen_gap_nats": jensen["jensen_gap_nats"],
+                        "level_fit/jensen_gap_se_nats": jensen["jensen_gap_se_nats"]})
+    log.info("level fit: f(x) - f(empty) lowered by %+.2f nats on complete rows", removed)
+    exp.logger.log(metrics, trainer.step)
+    trainer.meta["level_fit"] = {**drift, **({"jensen": jensen} if jensen else {}), "removed_nats": removed}
     trainer.save()
 
 
