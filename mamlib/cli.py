@@ -87,7 +87,7 @@ FIELDS: dict[str, Field] = {
     "consistency_span": at_least(1), "consistency_prefix_gradient": Field(float, 0, high=1.0),
     "consistency_prefix_gradient_from": at_least(0),
     "step_surprise_share": Field(float, 0, below=1.0), "consistency_extensions": at_least(1), "level_fit_rows": at_least(0),
-    "level_fit_orders": at_least(0), "level_fit_jensen_rows": at_least(1),
+    "level_fit_orders": at_least(0), "level_fit_jensen_rows": at_least(1), "level_fit_split": one_of("train", "val"),
     "arch.marginal_head": one_of("pooled", "sum"),
     "arch.marginal_encoder": one_of("shared", "own"),
     "train.lr_schedule": one_of("constant", "cosine"), "train.warmup_steps": at_least(0), "train.eval_at_start": Field(bool),

@@ -96,7 +96,8 @@ def test_seq_scripts_and_bad_inputs(tmp_path):
     # stage 2 with the trajectory anchor (exact chain-rule prefixes of 4 training rows, kept in the checkpoint), and the
     # level fit at the end with a moving average of the weights (the average is what the checkpoint serves)
     run("mam/seq_main.py", tmp_path / "stage2", *data, "load_pretrain=True", "anchor_weight=1", "anchor_trajectories=4",
-        "arch.marginal_head=sum", "level_fit_rows=64", "level_fit_orders=3", "level_fit_jensen_rows=8", "train.ema_decay=0.5",
+        "arch.marginal_head=sum", "level_fit_rows=64", "level_fit_orders=3", "level_fit_jensen_rows=8", "level_fit_split=val",
+        "train.ema_decay=0.5",
         f"loadpath_pretrain={stage1 / 'checkpoints' / 'last.pt'}")
     import torch
     from omegaconf import OmegaConf
@@ -107,15 +108,15 @@ def test_seq_scripts_and_bad_inputs(tmp_path):
     payload = torch.load(tmp_path / "stage2" / "checkpoints" / "last.pt", weights_only=False)
     kept = payload["objective"]["trajectories"]
     assert kept["prefix_log_probs"].shape == (4, 9) and torch.isfinite(kept["prefix_log_probs"]).all()
-    # re-measured on the same rows with the same draws, the saved network sits exactly the 3-order Jensen gap above the
+    # re-measured on the same (validation) rows with the same draws, the saved network sits exactly the 3-order Jensen gap above the
     # order mean (the fitted drift removed, the gap added back), and that gap is the one measured on the first 8 rows
     fitted, cfg = payload["level_fit"], OmegaConf.create(payload["config"])
-    rows = sample_rows(load_dataset(cfg.dataset, tmp_path).train, cfg.level_fit_rows, cfg.seed + 4)
+    rows = sample_rows(load_dataset(cfg.dataset, tmp_path).val, cfg.level_fit_rows, cfg.seed + 4)  # level_fit_split=val
     net = load(tmp_path / "stage2" / "checkpoints" / "last.pt").net
-    after = consistency_drift(net, rows, 64, "cpu", generator=torch.Generator().manual_seed(int(cfg.seed) + 4))
+    after = consistency_drift(net, rows, 64, "cpu", generator=torch.Generator().manual_seed(int(cfg.seed) + 4), draws=64)
     jensen = jensen_gap(net, rows[:8], 3, cfg.eval.batch_size, "cpu", cfg.eval.steps_per_pass,
                         torch.Generator().manual_seed(int(cfg.seed) + 5))
-    assert fitted["n"] == 64 and abs(fitted["drift_nats"]) > 1e-3, fitted
+    assert fitted["n"] == 64 and fitted["split"] == "val" and len(rows) < 64 and abs(fitted["drift_nats"]) > 1e-3, fitted
     assert jensen == pytest.approx(fitted["jensen"]) and jensen["jensen_gap_nats"] > 1e-3, (jensen, fitted)
     assert after["drift_nats"] == pytest.approx(jensen["jensen_gap_nats"], abs=1e-4), (after, jensen)
     assert fitted["removed_nats"] == pytest.approx(fitted["drift_nats"] - jensen["jensen_gap_nats"])

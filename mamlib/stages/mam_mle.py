@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from .. import arm
 from ..checkpoint import CheckpointError
+from ..errors import ConfigError
 from ..calibration import (CalibrationSet, consistency_drift, jensen_gap, flat_gap_metrics, gap_summary, group_error_summary,
                            shift_level)
 from ..evaluation import aggregate_correlations, bits_per_dim, correlation_summary, time_callable, write_report
@@ -153,6 +154,9 @@ def train(exp: Experiment, dataset) -> None:
              sum(p.numel() for p in net.parameters()) / 1e6)
     objective = MarginalObjective(maybe_compile(net, cfg.compile), cfg, dataset, exp.device)
     val_rows = first_rows(dataset.val, cfg.eval.val_examples)
+    if cfg.level_fit_rows and not len(getattr(dataset, cfg.level_fit_split)):  # before training, not after it
+        raise ConfigError(f"level_fit_split={cfg.level_fit_split}: this dataset has no {cfg.level_fit_split} rows; "
+                          "use level_fit_split=train (or give the dataset a validation split)")
     calibration = None
     if cfg.eval.gap_val_examples and exp.dist.is_main:  # frozen conditionals: the AO-ARM-E references are computed once
         net.eval()
@@ -168,12 +172,12 @@ def train(exp: Experiment, dataset) -> None:
 
 
 def fit_level_after_training(exp: Experiment, dataset, net, trainer) -> None:
-    """``level_fit_rows=N``: measure the finished network's drift on N draws of training rows (the whole split, again
-    with fresh steps, when N is larger) and remove it (see :func:`mamlib.calibration.fit_level`); with
-    ``level_fit_orders=M`` also add the M-order Jensen gap measured on ``level_fit_jensen_rows`` training rows, so the
+    """``level_fit_rows=N``: measure the finished network's drift on N draws of ``level_fit_split`` rows (the whole
+    split, again with fresh steps, when N is larger) and remove it (see :func:`mamlib.calibration.fit_level`); with
+    ``level_fit_orders=M`` also add the M-order Jensen gap measured on ``level_fit_jensen_rows`` of those rows, so the
     level is AO-ARM-E's (M orders) rather than the order mean's. Then save last.pt again with both recorded."""
     cfg = exp.cfg
-    rows = sample_rows(dataset.train, cfg.level_fit_rows, cfg.seed + 4)
+    rows = sample_rows(getattr(dataset, cfg.level_fit_split), cfg.level_fit_rows, cfg.seed + 4)
     bias = net.marginal_score_bias()
     name = next(name for name, parameter in net.named_parameters() if parameter is bias)
     net.eval()
@@ -189,16 +193,17 @@ def fit_level_after_training(exp: Experiment, dataset, net, trainer) -> None:
     shift_level(net, removed, [trainer.ema[name]] if trainer.ema is not None else ())
     net.train()
     log.info("level fit: the marginal network was %+.2f ± %.2f nats off the order-averaged chain rule on %d draws of %d "
-             "training rows", drift["drift_nats"], drift["drift_se_nats"], drift["n"], len(rows))
+             "%s rows", drift["drift_nats"], drift["drift_se_nats"], drift["n"], len(rows), cfg.level_fit_split)
     metrics = {"level_fit/drift_nats": drift["drift_nats"], "level_fit/drift_se_nats": drift["drift_se_nats"]}
     if jensen:
-        log.info("level fit: %d-order AO-ARM-E lies %+.2f ± %.2f nats above the order mean on %d training rows",
-                 jensen["orders"], jensen["jensen_gap_nats"], jensen["jensen_gap_se_nats"], jensen["n"])
+        log.info("level fit: %d-order AO-ARM-E lies %+.2f ± %.2f nats above the order mean on %d %s rows",
+                 jensen["orders"], jensen["jensen_gap_nats"], jensen["jensen_gap_se_nats"], jensen["n"], cfg.level_fit_split)
         metrics.update({"level_fit/jensen_gap_nats": jensen["jensen_gap_nats"],
                         "level_fit/jensen_gap_se_nats": jensen["jensen_gap_se_nats"]})
     log.info("level fit: f(x) - f(empty) lowered by %+.2f nats on complete rows", removed)
     exp.logger.log(metrics, trainer.step)
-    trainer.meta["level_fit"] = {**drift, **({"jensen": jensen} if jensen else {}), "removed_nats": removed}
+    trainer.meta["level_fit"] = {**drift, **({"jensen": jensen} if jensen else {}), "removed_nats": removed,
+                                 "split": cfg.level_fit_split}
     trainer.save()
 
 
