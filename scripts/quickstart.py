@@ -1,7 +1,8 @@
 """`make quickstart`: MNIST-offline, stage 1 and stage 2 at preset=cpu, eval and generate, and a REPORT.md.
 
 Everything runs through the real entry scripts. Outputs: outputs/quickstart/{stage1,stage2}/ and outputs/quickstart/REPORT.md.
-Pass extra Hydra overrides for both stages after the script name, e.g. `python scripts/quickstart.py preset=tiny`.
+Pass extra Hydra overrides for both stages after the script name, e.g. `python scripts/quickstart.py preset=tiny`;
+prefix one with `stage1.` or `stage2.` to give it to that stage only, e.g. `stage2.level_fit_rows=8192`.
 """
 from __future__ import annotations
 
@@ -22,9 +23,20 @@ def pooled_line(pooled: dict) -> str:
             f"{s_low:.2f} to {s_high:.2f}), pearson {pooled['pearson']:.3f} ({p_low:.2f} to {p_high:.2f}).")
 
 
+STAGE_PREFIXES = {"ao_arm": "stage1.", "mam": "stage2."}
+
+
+def user_overrides(stage: str, arguments: list[str]) -> list[str]:
+    """The command line's overrides for ``stage``: unprefixed ones go to both stages, `stage1.` / `stage2.` ones to one."""
+    own = STAGE_PREFIXES[stage]
+    other = next(prefix for prefix in STAGE_PREFIXES.values() if prefix != own)
+    return [argument[len(own):] if argument.startswith(own) else argument
+            for argument in arguments if not argument.startswith(other)]
+
+
 def run(stage: str, run_dir: Path, *overrides: str) -> float:
     command = [sys.executable, "image_main.py", "dataset=mnist_offline", "preset=cpu", f"hydra.run.dir={run_dir}", *overrides,
-               *sys.argv[1:]]
+               *user_overrides(stage, sys.argv[1:])]
     print(f"\n$ (cd {stage} && {' '.join(command[1:])})", flush=True)
     start = time.monotonic()
     subprocess.run(command, cwd=ROOT / stage, check=True)

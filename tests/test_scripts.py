@@ -232,3 +232,13 @@ def test_table5_grid_writes_one_table_and_reuses_finished_points(tmp_path):
     # a finished point is not reused for other settings
     result = subprocess.run(command + ["alpha=3"], capture_output=True, text=True, timeout=900)
     assert result.returncode != 0 and "holds a point run with other overrides (alpha=3 differ)" in result.stderr
+
+
+def test_quickstart_routes_stage_prefixed_overrides_to_one_stage():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("quickstart", ROOT / "scripts" / "quickstart.py")
+    quickstart = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quickstart)
+    arguments = ["seed=1", "stage2.level_fit_rows=8192", "stage1.train.max_minutes=10", "train.lr=1e-3"]
+    assert quickstart.user_overrides("ao_arm", arguments) == ["seed=1", "train.max_minutes=10", "train.lr=1e-3"]
+    assert quickstart.user_overrides("mam", arguments) == ["seed=1", "level_fit_rows=8192", "train.lr=1e-3"]
