@@ -16,6 +16,7 @@ from . import arm
 from .experiment import batched
 from .marginal import log_normalizer, normalized_log_marginal, self_consistency_terms
 from .orders import random_order
+from .progress import progress
 
 
 def random_observed_masks(num_rows: int, num_positions: int, fraction: float, generator: torch.Generator) -> torch.Tensor:
@@ -39,7 +40,7 @@ def gap_summary(marginal, reference) -> dict:
 
 @torch.no_grad()
 def consistency_drift(net, rows: torch.Tensor, batch_size: int, device, generator: torch.Generator | None = None,
-                      draws: int | None = None) -> dict:
+                      draws: int | None = None, description: str | None = None) -> dict:
     """Reference-free level of the marginal network: mean over ``rows`` of f(x) - f(empty) - E_sigma log p_sigma(x), nats.
 
     Along any order the self-consistency residuals telescope, sum_t r_t = f(empty) - f(x) + log p_sigma(x), so with the
@@ -51,10 +52,12 @@ def consistency_drift(net, rows: torch.Tensor, batch_size: int, device, generato
 
     ``draws``: (row, order, step) draws, cycling through ``rows`` with a fresh order and step each time round (default:
     each row once). The noise is the step's, not the rows', so more draws than rows still shrink the standard error.
+    ``description``: show a progress bar with this label (the level fit's 32,768 draws take minutes).
     """
     residuals = []
     draws = len(rows) if draws is None else int(draws)
-    for start in range(0, draws if len(rows) else 0, batch_size):
+    starts = range(0, draws if len(rows) else 0, batch_size)
+    for start in (progress(starts, desc=description, unit="batch") if description else starts):
         x = rows[torch.arange(start, min(start + batch_size, draws)) % len(rows)].to(device)
         residuals.append(self_consistency_terms(net, x, generator=generator)["residual"].double().cpu())
     scaled = -rows.shape[1] * torch.cat(residuals).numpy() if residuals else np.zeros(0)
@@ -64,7 +67,7 @@ def consistency_drift(net, rows: torch.Tensor, batch_size: int, device, generato
 
 @torch.no_grad()
 def jensen_gap(net, rows: torch.Tensor, orders: int, batch_size: int, device, steps_per_pass: int = 1,
-               generator: torch.Generator | None = None) -> dict:
+               generator: torch.Generator | None = None, description: str | None = None) -> dict:
     """How far M-order AO-ARM-E lies above the order mean: mean over ``rows`` of log-mean-exp minus mean of M chain
     rules log p_sigma(x) along independent random orders (nats, with its standard error over the rows).
 
@@ -72,9 +75,11 @@ def jensen_gap(net, rows: torch.Tensor, orders: int, batch_size: int, device, st
     self-consistency loss and :func:`consistency_drift` put f(x) - f(empty) at the order mean, which is sub-normalised
     (sum_x exp E_sigma log p_sigma(x) <= sum_x E_sigma p_sigma(x) = 1); adding this gap aligns it with the reference it
     is scored against, and tends to the mixture's normalised level as M grows. Costs M * D conditional steps per row.
+    ``description``: show a progress bar with this label.
     """
     per_row = []
-    for start in range(0, len(rows), batch_size):
+    starts = range(0, len(rows), batch_size)
+    for start in (progress(starts, desc=description, unit="batch") if description else starts):
         x = rows[start:start + batch_size].to(device)
         per_order = torch.stack([arm.chain_rule_log_prob(net, x, order=random_order(len(x), x.shape[1], device=device,
                                                                                       generator=generator),

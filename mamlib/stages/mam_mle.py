@@ -185,10 +185,11 @@ def fit_level_after_training(exp: Experiment, dataset, net, trainer) -> None:
     with torch.no_grad(), trainer.averaged_weights():  # the weights the checkpoint serves
         drift = consistency_drift(net, rows, max(cfg.eval.batch_size, 64), exp.device,
                                   generator=torch.Generator(device=exp.device).manual_seed(int(cfg.seed) + 4),
-                                  draws=cfg.level_fit_rows)
+                                  draws=cfg.level_fit_rows, description="level fit")
         if cfg.level_fit_orders:
             jensen = jensen_gap(net, rows[:cfg.level_fit_jensen_rows], cfg.level_fit_orders, cfg.eval.batch_size, exp.device,
-                                cfg.eval.steps_per_pass, torch.Generator(device=exp.device).manual_seed(int(cfg.seed) + 5))
+                                cfg.eval.steps_per_pass, torch.Generator(device=exp.device).manual_seed(int(cfg.seed) + 5),
+                                description="level fit: Jensen gap")
     removed = drift["drift_nats"] - (jensen["jensen_gap_nats"] if jensen else 0.0)
     shift_level(net, removed, [trainer.ema[name]] if trainer.ema is not None else ())
     net.train()
