@@ -40,7 +40,7 @@ def gap_summary(marginal, reference) -> dict:
 
 @torch.no_grad()
 def consistency_drift(net, rows: torch.Tensor, batch_size: int, device, generator: torch.Generator | None = None,
-                      draws: int | None = None, description: str | None = None) -> dict:
+                      draws: int | None = None, description: str | None = None, by_cell: bool = False) -> dict:
     """Reference-free level of the marginal network: mean over ``rows`` of f(x) - f(empty) - E_sigma log p_sigma(x), nats.
 
     Along any order the self-consistency residuals telescope, sum_t r_t = f(empty) - f(x) + log p_sigma(x), so with the
@@ -53,16 +53,27 @@ def consistency_drift(net, rows: torch.Tensor, batch_size: int, device, generato
     ``draws``: (row, order, step) draws, cycling through ``rows`` with a fresh order and step each time round (default:
     each row once). The noise is the step's, not the rows', so more draws than rows still shrink the standard error.
     ``description``: show a progress bar with this label (the level fit's 32,768 draws take minutes).
+    ``by_cell``: also return ``cell_sums`` and ``cell_counts`` (D, K): the residuals summed and counted by the
+    (position, value) each constraint adds, for :func:`fit_cells`.
     """
     residuals = []
     draws = len(rows) if draws is None else int(draws)
+    cell_sums = torch.zeros(rows.shape[1], net.num_classes, dtype=torch.float64)
+    cell_counts = torch.zeros_like(cell_sums)
     starts = range(0, draws if len(rows) else 0, batch_size)
     for start in (progress(starts, desc=description, unit="batch") if description else starts):
         x = rows[torch.arange(start, min(start + batch_size, draws)) % len(rows)].to(device)
-        residuals.append(self_consistency_terms(net, x, generator=generator)["residual"].double().cpu())
+        terms = self_consistency_terms(net, x, generator=generator)
+        residual = terms["residual"].double().cpu()
+        residuals.append(residual)
+        if by_cell:
+            cell = (terms["position"].cpu(), x[torch.arange(len(x)), terms["position"]].long().cpu())
+            cell_sums.index_put_(cell, residual, accumulate=True)
+            cell_counts.index_put_(cell, torch.ones_like(residual), accumulate=True)
     scaled = -rows.shape[1] * torch.cat(residuals).numpy() if residuals else np.zeros(0)
     spread = float(scaled.std(ddof=1) / math.sqrt(scaled.size)) if scaled.size > 1 else math.nan
-    return {"drift_nats": float(scaled.mean()) if scaled.size else math.nan, "drift_se_nats": spread, "n": int(scaled.size)}
+    result = {"drift_nats": float(scaled.mean()) if scaled.size else math.nan, "drift_se_nats": spread, "n": int(scaled.size)}
+    return {**result, "cell_sums": cell_sums, "cell_counts": cell_counts} if by_cell else result
 
 
 @torch.no_grad()
@@ -103,6 +114,32 @@ def fit_level(net, rows: torch.Tensor, batch_size: int, device, generator: torch
     drift = consistency_drift(net, rows, batch_size, device, generator)
     shift_level(net, drift["drift_nats"], also_shift)
     return drift
+
+
+@torch.no_grad()
+def fit_cells(net, drift: dict, prior_draws: float = 1.0) -> dict:
+    """Add to the ``sum`` head's (position, value) table the least-squares correction of the drift's residuals.
+
+    A constraint that adds position j with value v has residual r = f(x_S) + log p(v | x_S) - f(x_S, x_j = v), and a
+    table entry c[j, v] changes it by exactly -c[j, v]; so c[j, v] = the mean residual of the draws that add (j, v)
+    zeroes the mean residual of every cell (the level fit is the same with one shared entry: f(x) - f(empty) then
+    moves by sum_j c[j, x_j], an image's own correction). ``prior_draws`` pseudo-draws at the shared mean shrink
+    rarely drawn cells toward it (least squares with a penalty; 0: plain cell means, undefined for undrawn cells).
+    ``drift``: :func:`consistency_drift` with ``by_cell=True``. Returns the spread of the corrections."""
+    table = net.marginal_cell_correction()
+    if table is None:
+        raise ValueError("level_fit_cells needs a sum marginal head (arch.marginal_head=sum): the pooled head has no "
+                         "per-position terms to correct")
+    sums, counts = drift["cell_sums"], drift["cell_counts"]
+    if prior_draws < 0 or (prior_draws == 0 and not bool((counts > 0).all())):
+        raise ValueError(f"level_fit_cell_prior={prior_draws} must be positive (or 0 when every (position, value) cell "
+                         f"was drawn): set level_fit_cell_prior=1")
+    shared = sums.sum() / counts.sum()
+    correction = (sums + prior_draws * shared) / (counts + prior_draws)
+    table.add_(correction.to(table))
+    drawn = counts > 0
+    return {"cells_drawn": int(drawn.sum()), "cells": int(counts.numel()), "prior_draws": float(prior_draws),
+            "cell_correction_sd_nats": float(correction[drawn].std()) if int(drawn.sum()) > 1 else math.nan}
 
 
 @torch.no_grad()

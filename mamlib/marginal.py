@@ -129,14 +129,15 @@ def self_consistency_terms(net, x, order=None, generator=None, all_values: bool 
         residual = f_prefix.float() + value_log_prob(logits, x, position) - f_extended
         squared = residual.pow(2) if weight is None else weight * residual.pow(2)
         return {"residual": residual, "squared_residual": squared, "f_empty": f_rest[-1],
-                "f_extended": f_extended, "extended_mask": extended_mask, **extra}
+                "f_extended": f_extended, "extended_mask": extended_mask, "position": position, **extra}
     f_values = f_extended.view(num_classes, batch).t()  # (B, K): f(x_sigma(<d), x_sigma(d) = k)
     log_probs = torch.log_softmax(logits.float(), dim=-1)
     residuals = f_prefix.float().unsqueeze(1) + log_probs - f_values
     own_value = x[rows, position].long()
     return {"residual": residuals[rows, own_value],
             "squared_residual": (log_probs.detach().exp() * residuals.pow(2)).sum(1),
-            "f_empty": f_rest[-1], "f_extended": f_values[rows, own_value], "extended_mask": extended_mask, **extra}
+            "f_empty": f_rest[-1], "f_extended": f_values[rows, own_value], "extended_mask": extended_mask,
+            "position": position, **extra}
 
 
 def scale_gradient(value: torch.Tensor, scale: float) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """Exact and statistical checks of the stage-2 additions: the AO-ARM loss's expectation, the anchor target, the
 censor-and-resample sampler, the sum head, the evaluation protocol (independent AO-ARM-S, nested censor sets) and the
 calibration summaries. Small problems (D=4, K=3) so every expectation is enumerated or estimated to 4 standard errors."""
+import copy
 import itertools
 import math
 from types import SimpleNamespace
@@ -12,7 +13,7 @@ from omegaconf import OmegaConf
 from scipy import stats
 
 from mamlib import arm
-from mamlib.calibration import (CalibrationSet, consistency_drift, fit_level, gap_summary, group_error_summary, jensen_gap,
+from mamlib.calibration import (CalibrationSet, consistency_drift, fit_cells, fit_level, gap_summary, group_error_summary, jensen_gap,
                                  random_observed_masks, shift_level)
 from mamlib.evaluation import aggregate_correlations
 from mamlib.marginal import TrajectoryAnchor, anchor_target, normalized_log_marginal, self_consistency_loss
@@ -307,6 +308,61 @@ def test_shift_level_moves_the_normalised_marginal_by_the_observed_share(build):
     assert torch.allclose(before - after, 1.5 * observed.sum(1).double() / D, atol=1e-5)
     with pytest.raises(ValueError, match="sum marginal head"):
         shift_level(small_transformer(seed=4, marginal=True, marginal_head="pooled"), 1.0)
+
+
+@torch.no_grad()
+def test_fit_cells_removes_each_rows_own_gap_where_one_level_cannot():
+    net = small_transformer(seed=9, marginal=True, marginal_head="sum")
+    net.marginal_score_bias().fill_(0.7)
+    net.marginal_cell_correction()[:, 2] += 0.5  # rows with more 2s sit higher: a per-row error one shared level cannot take
+    x = torch.tensor([[2, 0, 1, 1], [0, 1, 2, 2]])  # no (position, value) in common: each row has its own cells
+    ones = torch.ones_like(x, dtype=torch.bool)
+
+    def exact_gaps(model=net):  # f(x) - f(empty) - E_sigma log p_sigma(x), every order of D = 4 enumerated
+        return (normalized_log_marginal(model, x, ones) - order_average_log_prob(model, x).double()).numpy()
+
+    before = exact_gaps()
+    assert before.min() > 2.0 and abs(before[1] - before[0]) > 0.4, before
+    rows, seed = x.repeat(10000, 1), torch.Generator().manual_seed(0)
+    drift = consistency_drift(net, rows, batch_size=5000, device="cpu", generator=seed, by_cell=True)
+    assert drift["cell_counts"].sum() == 20000 and int((drift["cell_counts"] > 0).sum()) == 8  # the rows' 8 cells only
+    snapshot, level_only = net.marginal_cell_correction().clone(), copy.deepcopy(net)
+    fit_cells(net, drift, prior_draws=0.0 + 1e-9)
+    after = exact_gaps()
+    # each row's gap is gone up to the estimate's noise (about 4 standard errors of one row's half of the draws)
+    assert np.abs(after).max() < 4 * math.sqrt(2) * drift["drift_se_nats"] < 0.1, (after, drift)
+    # one shared level leaves the rows' difference: what the cells remove and a level fit cannot
+    fit_level(level_only, rows, batch_size=5000, device="cpu", generator=torch.Generator().manual_seed(0))
+    leveled = exact_gaps(level_only)
+    assert abs(leveled.mean()) < 0.1 and np.abs(leveled).min() > 0.2, leveled
+    # least squares on the same draws: every drawn cell's mean residual is now zero, the undrawn cells are untouched
+    again = consistency_drift(net, rows, batch_size=5000, device="cpu", generator=torch.Generator().manual_seed(0), by_cell=True)
+    assert torch.allclose(again["cell_sums"], torch.zeros_like(again["cell_sums"]), atol=1e-6 * 20000)
+    undrawn = drift["cell_counts"] == 0  # cells no draw added take the shared level, as one level fit would set them
+    moved = net.marginal_cell_correction()[undrawn] - snapshot[undrawn]
+    assert torch.allclose(moved, torch.full_like(moved, -drift["drift_nats"] / D), atol=1e-5)
+    with pytest.raises(ValueError, match="level_fit_cell_prior"):  # plain cell means are undefined for undrawn cells
+        fit_cells(net, drift, prior_draws=0.0)
+    with pytest.raises(ValueError, match="sum marginal head"):
+        fit_cells(small_transformer(seed=4, marginal=True, marginal_head="pooled"), drift)
+
+
+@torch.no_grad()
+def test_cell_table_reads_observed_values_only_and_old_checkpoints_load_with_zeros():
+    net = small_transformer(seed=3, marginal=True, marginal_head="sum")
+    observed = torch.tensor([[True, False, True, False]])
+    x, other = torch.tensor([[2, 0, 1, 1]]), torch.tensor([[2, 2, 1, 0]])  # the same values where observed
+    before = net(x, observed, need_logits=False, need_marginal=True)[0]
+    net.marginal_cell_correction().copy_(torch.arange(D * K, dtype=torch.float32).view(D, K))
+    shifted = net(x, observed, need_logits=False, need_marginal=True)[0]
+    assert shifted - before == pytest.approx(2.0 + 7.0, abs=1e-5)  # cells (0, 2) and (2, 1): 0 * 3 + 2 and 2 * 3 + 1
+    assert torch.equal(net(other, observed, need_logits=False, need_marginal=True)[0], shifted)
+    # a checkpoint written before the table existed: the same network, with no correction
+    state = {key: value for key, value in net.state_dict().items() if not key.endswith("cell_correction")}
+    fresh = small_transformer(seed=5, marginal=True, marginal_head="sum")
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.marginal_cell_correction(), torch.zeros(D, K))
+    assert torch.equal(fresh(x, observed, need_logits=False, need_marginal=True)[0], before)
 
 
 @torch.no_grad()

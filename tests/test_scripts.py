@@ -120,6 +120,16 @@ def test_seq_scripts_and_bad_inputs(tmp_path):
     assert jensen == pytest.approx(fitted["jensen"]) and jensen["jensen_gap_nats"] > 1e-3, (jensen, fitted)
     assert after["drift_nats"] == pytest.approx(jensen["jensen_gap_nats"], abs=1e-4), (after, jensen)
     assert fitted["removed_nats"] == pytest.approx(fitted["drift_nats"] - jensen["jensen_gap_nats"])
+    # level_fit_cells: one correction per (position, value) from the same draws; with no prior (every cell drawn here),
+    # the saved network's residuals on those draws have mean zero in every cell, so the drift is gone as well
+    run("mam/seq_main.py", tmp_path / "cells", *data, "load_pretrain=True", "arch.marginal_head=sum", "train.max_steps=5",
+        "level_fit_rows=600", "level_fit_cells=true", "level_fit_cell_prior=0", f"loadpath_pretrain={stage1 / 'checkpoints' / 'last.pt'}")
+    cell_run = torch.load(tmp_path / "cells" / "checkpoints" / "last.pt", weights_only=False)
+    assert cell_run["level_fit"]["cells"]["cells_drawn"] == 24 and abs(cell_run["level_fit"]["drift_nats"]) > 1e-3
+    train_rows = sample_rows(load_dataset(cfg.dataset, tmp_path).train, 600, int(cfg.seed) + 4)  # level_fit_split=train
+    again = consistency_drift(load(tmp_path / "cells" / "checkpoints" / "last.pt").net, train_rows, 64, "cpu",
+                              generator=torch.Generator().manual_seed(int(cfg.seed) + 4), draws=600, by_cell=True)
+    assert torch.allclose(again["cell_sums"], torch.zeros_like(again["cell_sums"]), atol=1e-3) and abs(again["drift_nats"]) < 1e-3
     # stage-2 eval end to end (the image, text and molecule pipelines run it in `make test-slow`)
     run("mam/seq_main.py", tmp_path / "stage2", *data, "mode=eval")
     results = json.loads((tmp_path / "stage2" / "metrics.json").read_text())

@@ -45,7 +45,7 @@ class MLPPair(Backbone):
                 self.marginal_mlp = ResidualMLP(in_dim, hidden, num_positions, num_layers, residual)
                 nn.init.zeros_(self.marginal_mlp.output.weight)
                 nn.init.zeros_(self.marginal_mlp.output.bias)
-                self.marginal_sum = MaskedSum()
+                self.marginal_sum = MaskedSum(num_positions, num_classes)
                 self.marginal_prefixes = ("marginal_mlp.", "marginal_sum.")
             else:
                 self.marginal_mlp = ResidualMLP(in_dim, hidden, 1, num_layers, residual)
@@ -77,7 +77,7 @@ class MLPPair(Backbone):
         logits = self.conditional_logits(one_hot, positions) if need_logits else None
         log_marginal = None
         if need_marginal and self.marginal_kind == "sum":
-            log_marginal = self.marginal_sum(self.marginal_mlp(one_hot), observed_mask)
+            log_marginal = self.marginal_sum(self.marginal_mlp(one_hot), observed_mask, x)
         elif need_marginal:
             log_marginal = self.marginal_mlp(one_hot).squeeze(-1)
         return log_marginal, logits

@@ -72,7 +72,7 @@ class Transformer(Backbone):
             self.marginal_head = mlp_head(d_model, marginal_hidden, 1)
             self.marginal_prefixes = ("marginal_head.",)
             if marginal_head == "sum":
-                self.marginal_sum = MaskedSum()
+                self.marginal_sum = MaskedSum(num_positions, num_classes)
                 self.marginal_prefixes = ("marginal_head.", "marginal_sum.")
         self.apply(self._init_weights)
         if marginal and marginal_head == "sum":  # f = f(empty) = 0 everywhere at the start
@@ -103,7 +103,7 @@ class Transformer(Backbone):
         logits = self.conditional_head(at_positions(h, positions)) if need_logits else None  # the head only where needed
         log_marginal = None
         if need_marginal and self.marginal_kind == "sum":
-            log_marginal = self.marginal_sum(self.marginal_head(h).squeeze(-1), observed_mask)
+            log_marginal = self.marginal_sum(self.marginal_head(h).squeeze(-1), observed_mask, x)
         elif need_marginal:
             log_marginal = self.marginal_head(h.mean(dim=1)).squeeze(-1)
         return log_marginal, logits

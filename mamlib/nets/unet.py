@@ -176,20 +176,20 @@ class MarginalHead(nn.Module):
     """GroupNorm-SiLU-conv to one channel, then (``pooled``, the original's) an MLP over all D pixels -> scalar log
     marginal, or (``sum``) the map summed over the observed pixels plus a learned f(empty)."""
 
-    def __init__(self, channels: int, num_positions: int, hidden: int, kind: str = "pooled"):
+    def __init__(self, channels: int, num_positions: int, num_classes: int, hidden: int, kind: str = "pooled"):
         super().__init__()
         self.kind = check_marginal_head(kind)
         self.to_map = output_head(channels, 1)  # zero-initialised conv: f = 0 at the start for the sum head
         if kind == "sum":
-            self.sum = MaskedSum()
+            self.sum = MaskedSum(num_positions, num_classes)
         else:
             self.mlp = nn.Sequential(nn.Linear(num_positions, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
                                      nn.Linear(hidden, 1))  # PyTorch default init, as in the original
 
-    def forward(self, h: torch.Tensor, observed_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, observed_mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         scores = self.to_map(h).flatten(1)
         if self.kind == "sum":
-            return self.sum(scores, observed_mask)
+            return self.sum(scores, observed_mask, x)
         return self.mlp(scores).squeeze(-1)
 
 
@@ -230,7 +230,7 @@ class UNet(Backbone):
         self.marginal_encoder = marginal_encoder
         if marginal:
             self.marginal_up = up_path(channels, num_res_blocks + 1, time_dim, dropout, attention)
-            self.marginal_head = MarginalHead(channels, self.num_positions, marginal_hidden, marginal_head)
+            self.marginal_head = MarginalHead(channels, self.num_positions, self.num_classes, marginal_hidden, marginal_head)
             self.marginal_prefixes = ("marginal_up.", "marginal_head.")
             if marginal_encoder == "own":  # a trainable copy of the down path and middle for the marginal branch
                 self.marginal_down = nn.ModuleList(Stage(channels, channels, time_dim, dropout, attention)
@@ -296,7 +296,7 @@ class UNet(Backbone):
         if need_marginal:
             if own_encoder:
                 h, skips = self._encode("marginal_", embedded, time)
-            log_marginal = self.marginal_head(self._run_up(self.marginal_up, h, skips, time), observed_mask)
+            log_marginal = self.marginal_head(self._run_up(self.marginal_up, h, skips, time), observed_mask, x)
         return log_marginal, logits
 
     def _encode(self, prefix: str, h: torch.Tensor, time: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

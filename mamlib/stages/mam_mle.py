@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 from .. import arm
 from ..checkpoint import CheckpointError
 from ..errors import ConfigError
-from ..calibration import (CalibrationSet, consistency_drift, jensen_gap, flat_gap_metrics, gap_summary, group_error_summary,
-                           shift_level)
+from ..calibration import (CalibrationSet, consistency_drift, fit_cells, jensen_gap, flat_gap_metrics, gap_summary,
+                           group_error_summary, shift_level)
 from ..evaluation import aggregate_correlations, bits_per_dim, correlation_summary, time_callable, write_report
 from ..experiment import Experiment, batched, make_optimizer
 from ..files import atomic_write, save_npz_atomic, write_text_atomic
@@ -175,7 +175,9 @@ def fit_level_after_training(exp: Experiment, dataset, net, trainer) -> None:
     """``level_fit_rows=N``: measure the finished network's drift on N draws of ``level_fit_split`` rows (the whole
     split, again with fresh steps, when N is larger) and remove it (see :func:`mamlib.calibration.fit_level`); with
     ``level_fit_orders=M`` also add the M-order Jensen gap measured on ``level_fit_jensen_rows`` of those rows, so the
-    level is AO-ARM-E's (M orders) rather than the order mean's. Then save last.pt again with both recorded."""
+    level is AO-ARM-E's (M orders) rather than the order mean's; with ``level_fit_cells`` the same draws set one
+    correction per (position, value) instead of one shared level (:func:`mamlib.calibration.fit_cells`). Then save
+    last.pt again with all of it recorded."""
     cfg = exp.cfg
     rows = sample_rows(getattr(dataset, cfg.level_fit_split), cfg.level_fit_rows, cfg.seed + 4)
     bias = net.marginal_score_bias()
@@ -185,13 +187,22 @@ def fit_level_after_training(exp: Experiment, dataset, net, trainer) -> None:
     with torch.no_grad(), trainer.averaged_weights():  # the weights the checkpoint serves
         drift = consistency_drift(net, rows, max(cfg.eval.batch_size, 64), exp.device,
                                   generator=torch.Generator(device=exp.device).manual_seed(int(cfg.seed) + 4),
-                                  draws=cfg.level_fit_rows, description="level fit")
+                                  draws=cfg.level_fit_rows, description="level fit", by_cell=cfg.level_fit_cells)
         if cfg.level_fit_orders:
             jensen = jensen_gap(net, rows[:cfg.level_fit_jensen_rows], cfg.level_fit_orders, cfg.eval.batch_size, exp.device,
                                 cfg.eval.steps_per_pass, torch.Generator(device=exp.device).manual_seed(int(cfg.seed) + 5),
                                 description="level fit: Jensen gap")
     removed = drift["drift_nats"] - (jensen["jensen_gap_nats"] if jensen else 0.0)
-    shift_level(net, removed, [trainer.ema[name]] if trainer.ema is not None else ())
+    also_shift = [trainer.ema[name]] if trainer.ema is not None else ()
+    cells = None
+    if cfg.level_fit_cells:  # the cells take the drift out (level included), image by image; the Jensen gap stays shared
+        cells = fit_cells(net, drift, cfg.level_fit_cell_prior)
+        shift_level(net, removed - drift["drift_nats"], also_shift)
+        drift = {key: value for key, value in drift.items() if not key.startswith("cell_")}
+        log.info("level fit: one correction per (position, value) on %d of %d cells, standard deviation %.3f nats",
+                 cells["cells_drawn"], cells["cells"], cells["cell_correction_sd_nats"])
+    else:
+        shift_level(net, removed, also_shift)
     net.train()
     log.info("level fit: the marginal network was %+.2f ± %.2f nats off the order-averaged chain rule on %d draws of %d "
              "%s rows", drift["drift_nats"], drift["drift_se_nats"], drift["n"], len(rows), cfg.level_fit_split)
@@ -203,8 +214,8 @@ def fit_level_after_training(exp: Experiment, dataset, net, trainer) -> None:
                         "level_fit/jensen_gap_se_nats": jensen["jensen_gap_se_nats"]})
     log.info("level fit: f(x) - f(empty) lowered by %+.2f nats on complete rows", removed)
     exp.logger.log(metrics, trainer.step)
-    trainer.meta["level_fit"] = {**drift, **({"jensen": jensen} if jensen else {}), "removed_nats": removed,
-                                 "split": cfg.level_fit_split}
+    trainer.meta["level_fit"] = {**drift, **({"jensen": jensen} if jensen else {}), **({"cells": cells} if cells else {}),
+                                 "removed_nats": removed, "split": cfg.level_fit_split}
     trainer.save()
 
 
