@@ -58,8 +58,9 @@ def consistency_drift(net, rows: torch.Tensor, batch_size: int, device, generato
     """
     residuals = []
     draws = len(rows) if draws is None else int(draws)
-    cell_sums = torch.zeros(rows.shape[1], net.num_classes, dtype=torch.float64)
-    cell_counts = torch.zeros_like(cell_sums)
+    if by_cell:
+        cell_sums = torch.zeros(rows.shape[1], net.num_classes, dtype=torch.float64)
+        cell_counts = torch.zeros_like(cell_sums)
     starts = range(0, draws if len(rows) else 0, batch_size)
     for start in (progress(starts, desc=description, unit="batch") if description else starts):
         x = rows[torch.arange(start, min(start + batch_size, draws)) % len(rows)].to(device)

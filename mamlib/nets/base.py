@@ -56,12 +56,8 @@ class Backbone(nn.Module):
 
     def marginal_cell_correction(self) -> torch.Tensor | None:
         """The (D, K) table of the ``sum`` head added per observed (position, value) (None for ``pooled``)."""
-        head = self.marginal_sum_module()
+        head = next((module for module in self.modules() if isinstance(module, MaskedSum)), None)
         return head.cell_correction if head is not None else None
-
-    def marginal_sum_module(self):
-        """The :class:`MaskedSum` of a ``sum`` marginal head, else None."""
-        return next((module for module in self.modules() if isinstance(module, MaskedSum)), None)
 
     def marginal_score_bias(self) -> torch.Tensor | None:
         """The bias added to every per-position score of the ``sum`` marginal head (None for ``pooled``): shifting it by

@@ -212,7 +212,8 @@ def fit_level_after_training(exp: Experiment, dataset, net, trainer) -> None:
                  jensen["orders"], jensen["jensen_gap_nats"], jensen["jensen_gap_se_nats"], jensen["n"], cfg.level_fit_split)
         metrics.update({"level_fit/jensen_gap_nats": jensen["jensen_gap_nats"],
                         "level_fit/jensen_gap_se_nats": jensen["jensen_gap_se_nats"]})
-    log.info("level fit: f(x) - f(empty) lowered by %+.2f nats on complete rows", removed)
+    log.info("level fit: f(x) - f(empty) lowered by %+.2f nats on complete rows%s", removed,
+             " (on average: each row by its own cells)" if cells else "")
     exp.logger.log(metrics, trainer.step)
     trainer.meta["level_fit"] = {**drift, **({"jensen": jensen} if jensen else {}), **({"cells": cells} if cells else {}),
                                  "removed_nats": removed, "split": cfg.level_fit_split}
