@@ -88,7 +88,7 @@ FIELDS: dict[str, Field] = {
     "consistency_prefix_gradient_from": at_least(0),
     "step_surprise_share": Field(float, 0, below=1.0), "consistency_extensions": at_least(1), "level_fit_rows": at_least(0),
     "level_fit_orders": at_least(0), "level_fit_jensen_rows": at_least(1), "level_fit_split": one_of("train", "val"),
-    "level_fit_cells": Field(bool), "level_fit_cell_prior": Field(float, 0),
+    "level_fit_cells": Field(bool), "level_fit_cell_prior": Field(float, 0), "level_fit_size_buckets": at_least(0),
     "arch.marginal_head": one_of("pooled", "sum"),
     "arch.marginal_encoder": one_of("shared", "own"),
     "train.lr_schedule": one_of("constant", "cosine"), "train.warmup_steps": at_least(0), "train.eval_at_start": Field(bool),
@@ -148,6 +148,9 @@ def validate(cfg: DictConfig) -> None:
     if OmegaConf.select(cfg, "level_fit_cells", default=False) and not level_fit_rows:
         raise ConfigError("level_fit_cells=true fits per-cell corrections on the level fit's draws: add level_fit_rows=N "
                           "(e.g. 32768), or set level_fit_cells=false")
+    if OmegaConf.select(cfg, "level_fit_size_buckets", default=0) and not OmegaConf.select(cfg, "level_fit_cells", default=False):
+        raise ConfigError("level_fit_size_buckets fits a correction by |S| together with the cells: add level_fit_cells=true, "
+                          "or set level_fit_size_buckets=0")
     if level_fit_orders == 1:
         raise ConfigError("level_fit_orders=1 has no Jensen gap (one order's log-mean-exp is its mean): use 0 or at least 2")
     reward_scale = OmegaConf.select(cfg, "reward_scale", default="std")

@@ -98,6 +98,7 @@ def crafted_pickle(path: Path, marker: Path) -> Path:
     ("mam/seq_main.py", "level_fit_orders=3", "add level_fit_rows=N"),
     ("mam/seq_main.py", "level_fit_rows=64 arch.marginal_head=sum level_fit_orders=1", "level_fit_orders=1 has no Jensen gap"),
     ("mam/seq_main.py", "level_fit_cells=true", "level_fit_cells=true fits per-cell corrections"),
+    ("mam/seq_main.py", "level_fit_rows=64 arch.marginal_head=sum level_fit_size_buckets=4", "add level_fit_cells=true"),
     ("mam/seq_main.py", "level_fit_rows=64 arch.marginal_head=sum level_fit_cells=true level_fit_cell_prior=-1",
      "level_fit_cell_prior=-1 is out of range"),
     ("mam/seq_main.py", "consistency_extensions=0", "consistency_extensions=0 is out of range"),

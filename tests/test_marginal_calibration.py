@@ -348,6 +348,25 @@ def test_fit_cells_removes_each_rows_own_gap_where_one_level_cannot():
 
 
 @torch.no_grad()
+def test_fit_cells_with_a_size_table_solves_the_joint_least_squares():
+    net = small_transformer(seed=9, marginal=True, marginal_head="sum")
+    rows = torch.randint(0, K, (64, D), generator=torch.Generator().manual_seed(2)).repeat(200, 1)
+    drift = consistency_drift(net, rows, batch_size=4096, device="cpu", generator=torch.Generator().manual_seed(0), by_cell=True)
+    sizes = drift["draw_sizes"]
+    assert sorted(sizes.unique().tolist()) == list(range(D)) and int((drift["cell_counts"] > 0).sum()) == D * K
+    by_size_before = torch.stack([drift["draw_residuals"][sizes == d].mean() for d in range(D)])
+    fit = fit_cells(net, drift, prior_draws=0.0, size_buckets=D)  # one bucket per prefix size
+    assert net.marginal_sum_head().size_correction[0] == 0  # f(empty) is not moved
+    # on the same draws, every cell's and every prefix size's mean residual is now zero: both normal equations hold
+    again = consistency_drift(net, rows, batch_size=4096, device="cpu", generator=torch.Generator().manual_seed(0), by_cell=True)
+    by_size = torch.stack([again["draw_residuals"][sizes == d].mean() for d in range(D)])
+    assert (by_size_before.abs() > 0.05).any(), by_size_before  # the untrained net's level is not linear in |S|
+    assert by_size.abs().max() < 1e-4, by_size
+    assert (again["cell_sums"] / again["cell_counts"]).abs().max() < 1e-4
+    assert fit["size_buckets"] == D and set(fit["size_correction_nats"]) == {"25%", "50%", "75%", "100%"}
+
+
+@torch.no_grad()
 def test_cell_table_reads_observed_values_only_and_old_checkpoints_load_with_zeros():
     net = small_transformer(seed=3, marginal=True, marginal_head="sum")
     observed = torch.tensor([[True, False, True, False]])
@@ -357,11 +376,15 @@ def test_cell_table_reads_observed_values_only_and_old_checkpoints_load_with_zer
     shifted = net(x, observed, need_logits=False, need_marginal=True)[0]
     assert shifted - before == pytest.approx(2.0 + 7.0, abs=1e-5)  # cells (0, 2) and (2, 1): 0 * 3 + 2 and 2 * 3 + 1
     assert torch.equal(net(other, observed, need_logits=False, need_marginal=True)[0], shifted)
+    net.marginal_sum_head().size_correction[2] = 0.25  # two observed positions: the size table's entry 2
+    assert net(x, observed, need_logits=False, need_marginal=True)[0] - shifted == pytest.approx(0.25, abs=1e-6)
+    net.marginal_sum_head().size_correction.zero_()
     # a checkpoint written before the table existed: the same network, with no correction
-    state = {key: value for key, value in net.state_dict().items() if not key.endswith("cell_correction")}
+    state = {key: value for key, value in net.state_dict().items() if not key.endswith(("cell_correction", "size_correction"))}
     fresh = small_transformer(seed=5, marginal=True, marginal_head="sum")
     fresh.load_state_dict(state)
     assert torch.equal(fresh.marginal_cell_correction(), torch.zeros(D, K))
+    assert torch.equal(fresh.marginal_sum_head().size_correction, torch.zeros(D + 1))
     assert torch.equal(fresh(x, observed, need_logits=False, need_marginal=True)[0], before)
 
 

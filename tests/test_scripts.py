@@ -120,12 +120,15 @@ def test_seq_scripts_and_bad_inputs(tmp_path):
     assert jensen == pytest.approx(fitted["jensen"]) and jensen["jensen_gap_nats"] > 1e-3, (jensen, fitted)
     assert after["drift_nats"] == pytest.approx(jensen["jensen_gap_nats"], abs=1e-4), (after, jensen)
     assert fitted["removed_nats"] == pytest.approx(fitted["drift_nats"] - jensen["jensen_gap_nats"])
-    # level_fit_cells: one correction per (position, value) from the same draws; with no prior (every cell drawn here),
-    # the saved network's residuals on those draws have mean zero in every cell, so the drift is gone as well
+    # level_fit_cells: one correction per (position, value) from the same draws, with a table by |S| (4 buckets); with no
+    # prior (every cell drawn here), the saved network's residuals on those draws have mean zero in every cell, so the
+    # drift is gone as well
     run("mam/seq_main.py", tmp_path / "cells", *data, "load_pretrain=True", "arch.marginal_head=sum", "train.max_steps=5",
-        "level_fit_rows=600", "level_fit_cells=true", "level_fit_cell_prior=0", f"loadpath_pretrain={stage1 / 'checkpoints' / 'last.pt'}")
+        "level_fit_rows=600", "level_fit_cells=true", "level_fit_cell_prior=0", "level_fit_size_buckets=4",
+        f"loadpath_pretrain={stage1 / 'checkpoints' / 'last.pt'}")
     cell_run = torch.load(tmp_path / "cells" / "checkpoints" / "last.pt", weights_only=False)
     assert cell_run["level_fit"]["cells"]["cells_drawn"] == 24 and abs(cell_run["level_fit"]["drift_nats"]) > 1e-3
+    assert cell_run["level_fit"]["cells"]["size_buckets"] == 4
     train_rows = sample_rows(load_dataset(cfg.dataset, tmp_path).train, 600, int(cfg.seed) + 4)  # level_fit_split=train
     again = consistency_drift(load(tmp_path / "cells" / "checkpoints" / "last.pt").net, train_rows, 64, "cpu",
                               generator=torch.Generator().manual_seed(int(cfg.seed) + 4), draws=600, by_cell=True)
@@ -136,6 +139,11 @@ def test_seq_scripts_and_bad_inputs(tmp_path):
     assert [row["model"] for row in results["table"]] == ["AO-ARM-E", "AO-ARM-S", "MaM"]
     assert np.isfinite(results["marginal_abs_gap_nats"]) and (tmp_path / "stage2" / "results.md").is_file()
     check_score("mam/seq_main.py", tmp_path / "stage2", tmp_path, 8, 3, *data, chain_rule=False)
+    result = run("mam/seq_main.py", tmp_path / "bad1", *data, "load_pretrain=True", "arch.marginal_head=sum", "level_fit_rows=64",
+                 "level_fit_cells=true", "level_fit_size_buckets=9", f"loadpath_pretrain={stage1 / 'checkpoints' / 'last.pt'}",
+                 expect_ok=False)
+    assert result.returncode == 2 and "level_fit_size_buckets=9 is more than the 8" in result.stderr
+    assert not (tmp_path / "bad1" / "checkpoints" / "last.pt").exists()  # refused before training
     result = run("mam/seq_main.py", tmp_path / "bad0", *data, "load_pretrain=True", "anchor_trajectories=4",
                  f"loadpath_pretrain={stage1 / 'checkpoints' / 'last.pt'}", expect_ok=False)
     assert result.returncode == 2 and "set anchor_weight > 0" in result.stderr

@@ -54,9 +54,13 @@ class Backbone(nn.Module):
             raise ValueError(f"eval.precision={precision!r} is unknown; use fp32 or bf16")
         self.conditional_precision = precision
 
+    def marginal_sum_head(self):
+        """The ``sum`` head's :class:`MaskedSum`, holding the level fit's tables ``cell_correction`` (D, K: added per
+        observed (position, value)) and ``size_correction`` (D + 1: added by |S|); None for ``pooled``."""
+        return next((module for module in self.modules() if isinstance(module, MaskedSum)), None)
+
     def marginal_cell_correction(self) -> torch.Tensor | None:
-        """The (D, K) table of the ``sum`` head added per observed (position, value) (None for ``pooled``)."""
-        head = next((module for module in self.modules() if isinstance(module, MaskedSum)), None)
+        head = self.marginal_sum_head()
         return head.cell_correction if head is not None else None
 
     def marginal_score_bias(self) -> torch.Tensor | None:
@@ -90,28 +94,32 @@ def check_marginal_head(kind: str) -> str:
 
 
 class MaskedSum(nn.Module):
-    """f(x_S) = f(empty) + sum over observed j of (score_j + cell_correction[j, x_j]): a marginal output that scales
-    with |S|.
+    """f(x_S) = f(empty) + sum over observed j of (score_j + cell_correction[j, x_j]) + size_correction[|S|]: a marginal
+    output that scales with |S|.
 
     log p(x_S) is a sum of |S| chain-rule terms, so a per-position score summed over S starts at the right scale
     for every |S|, and f(empty) is a parameter of its own that the normaliser term sets directly.
-    ``cell_correction`` (D, K) is a buffer, zero unless a level fit with ``level_fit_cells`` set it after training
-    (:func:`mamlib.calibration.fit_cells`): one additive term per (position, value), not trained by the optimizer.
+    ``cell_correction`` (D, K) and ``size_correction`` (D + 1) are buffers, zero unless a level fit with
+    ``level_fit_cells`` (and ``level_fit_size_buckets``) set them after training (:func:`mamlib.calibration.fit_cells`):
+    one additive term per (position, value) and one per |S|, not trained by the optimizer.
     """
 
     def __init__(self, num_positions: int, num_classes: int):
         super().__init__()
         self.empty = nn.Parameter(torch.zeros(()))
         self.register_buffer("cell_correction", torch.zeros(num_positions, num_classes))
+        self.register_buffer("size_correction", torch.zeros(num_positions + 1))  # by |S|; entry 0 stays 0
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        # A checkpoint with this head but written before the table existed holds no correction: zeros are its model.
+        # A checkpoint with this head but written before the tables existed holds no correction: zeros are its model.
         # (A stage-1 checkpoint has no head at all, and its keys stay missing, as stage 2 expects.)
-        if prefix + "empty" in state_dict and prefix + "cell_correction" not in state_dict:
-            state_dict[prefix + "cell_correction"] = torch.zeros_like(self.cell_correction)
+        if prefix + "empty" in state_dict:
+            for name in ("cell_correction", "size_correction"):
+                state_dict.setdefault(prefix + name, torch.zeros_like(getattr(self, name)))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, scores: torch.Tensor, observed_mask: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         cells = self.cell_correction[torch.arange(x.shape[1], device=x.device), torch.where(observed_mask, x, 0)]
         # fp32 sum: D bf16 terms would lose ~0.5 nats
-        return self.empty + ((scores.float() + cells) * observed_mask).sum(1)
+        return (self.empty + ((scores.float() + cells) * observed_mask).sum(1)
+                + self.size_correction[observed_mask.sum(1)])

@@ -157,6 +157,9 @@ def train(exp: Experiment, dataset) -> None:
     if cfg.level_fit_rows and not len(getattr(dataset, cfg.level_fit_split)):  # before training, not after it
         raise ConfigError(f"level_fit_split={cfg.level_fit_split}: this dataset has no {cfg.level_fit_split} rows; "
                           "use level_fit_split=train (or give the dataset a validation split)")
+    if cfg.level_fit_size_buckets > net.num_positions:
+        raise ConfigError(f"level_fit_size_buckets={cfg.level_fit_size_buckets} is more than the {net.num_positions} "
+                          f"prefix sizes of this dataset: use at most {net.num_positions} (16 was measured on MNIST)")
     calibration = None
     if cfg.eval.gap_val_examples and exp.dist.is_main:  # frozen conditionals: the AO-ARM-E references are computed once
         net.eval()
@@ -196,11 +199,14 @@ def fit_level_after_training(exp: Experiment, dataset, net, trainer) -> None:
     also_shift = [trainer.ema[name]] if trainer.ema is not None else ()
     cells = None
     if cfg.level_fit_cells:  # the cells take the drift out (level included), image by image; the Jensen gap stays shared
-        cells = fit_cells(net, drift, cfg.level_fit_cell_prior)
+        cells = fit_cells(net, drift, cfg.level_fit_cell_prior, cfg.level_fit_size_buckets)
         shift_level(net, removed - drift["drift_nats"], also_shift)
-        drift = {key: value for key, value in drift.items() if not key.startswith("cell_")}
+        drift = {key: value for key, value in drift.items() if not torch.is_tensor(value)}  # the draws stay out of the meta
         log.info("level fit: one correction per (position, value) on %d of %d cells, standard deviation %.3f nats",
                  cells["cells_drawn"], cells["cells"], cells["cell_correction_sd_nats"])
+        if cfg.level_fit_size_buckets:
+            log.info("level fit: correction by |S| (%d buckets) at 25/50/75/100 %% observed: %s nats", cfg.level_fit_size_buckets,
+                     " / ".join(f"{value:+.2f}" for value in cells["size_correction_nats"].values()))
     else:
         shift_level(net, removed, also_shift)
     net.train()
