@@ -314,7 +314,7 @@ def test_shift_level_moves_the_normalised_marginal_by_the_observed_share(build):
 def test_fit_cells_removes_each_rows_own_gap_where_one_level_cannot():
     net = small_transformer(seed=9, marginal=True, marginal_head="sum")
     net.marginal_score_bias().fill_(0.7)
-    net.marginal_cell_correction()[:, 2] += 0.5  # rows with more 2s sit higher: a per-row error one shared level cannot take
+    net.marginal_sum_head().cell_correction[:, 2] += 0.5  # rows with more 2s sit higher: a per-row error one shared level cannot take
     x = torch.tensor([[2, 0, 1, 1], [0, 1, 2, 2]])  # no (position, value) in common: each row has its own cells
     ones = torch.ones_like(x, dtype=torch.bool)
 
@@ -326,7 +326,7 @@ def test_fit_cells_removes_each_rows_own_gap_where_one_level_cannot():
     rows, seed = x.repeat(10000, 1), torch.Generator().manual_seed(0)
     drift = consistency_drift(net, rows, batch_size=5000, device="cpu", generator=seed, by_cell=True)
     assert drift["cell_counts"].sum() == 20000 and int((drift["cell_counts"] > 0).sum()) == 8  # the rows' 8 cells only
-    snapshot, level_only = net.marginal_cell_correction().clone(), copy.deepcopy(net)
+    snapshot, level_only = net.marginal_sum_head().cell_correction.clone(), copy.deepcopy(net)
     fit_cells(net, drift, prior_draws=1e-9)  # plain means on the drawn cells; the undrawn take the shared level
     after = exact_gaps()
     # each row's gap is gone up to the estimate's noise (about 4 standard errors of one row's half of the draws)
@@ -339,7 +339,7 @@ def test_fit_cells_removes_each_rows_own_gap_where_one_level_cannot():
     again = consistency_drift(net, rows, batch_size=5000, device="cpu", generator=torch.Generator().manual_seed(0), by_cell=True)
     assert torch.allclose(again["cell_sums"], torch.zeros_like(again["cell_sums"]), atol=1e-6 * 20000)
     undrawn = drift["cell_counts"] == 0  # cells no draw added take the shared level, as one level fit would set them
-    moved = net.marginal_cell_correction()[undrawn] - snapshot[undrawn]
+    moved = net.marginal_sum_head().cell_correction[undrawn] - snapshot[undrawn]
     assert torch.allclose(moved, torch.full_like(moved, -drift["drift_nats"] / D), atol=1e-5)
     with pytest.raises(ValueError, match="level_fit_cell_prior"):  # plain cell means are undefined for undrawn cells
         fit_cells(net, drift, prior_draws=0.0)
@@ -372,7 +372,7 @@ def test_cell_table_reads_observed_values_only_and_old_checkpoints_load_with_zer
     observed = torch.tensor([[True, False, True, False]])
     x, other = torch.tensor([[2, 0, 1, 1]]), torch.tensor([[2, 2, 1, 0]])  # the same values where observed
     before = net(x, observed, need_logits=False, need_marginal=True)[0]
-    net.marginal_cell_correction().copy_(torch.arange(D * K, dtype=torch.float32).view(D, K))
+    net.marginal_sum_head().cell_correction.copy_(torch.arange(D * K, dtype=torch.float32).view(D, K))
     shifted = net(x, observed, need_logits=False, need_marginal=True)[0]
     assert shifted - before == pytest.approx(2.0 + 7.0, abs=1e-5)  # cells (0, 2) and (2, 1): 0 * 3 + 2 and 2 * 3 + 1
     assert torch.equal(net(other, observed, need_logits=False, need_marginal=True)[0], shifted)
@@ -383,7 +383,7 @@ def test_cell_table_reads_observed_values_only_and_old_checkpoints_load_with_zer
     state = {key: value for key, value in net.state_dict().items() if not key.endswith(("cell_correction", "size_correction"))}
     fresh = small_transformer(seed=5, marginal=True, marginal_head="sum")
     fresh.load_state_dict(state)
-    assert torch.equal(fresh.marginal_cell_correction(), torch.zeros(D, K))
+    assert torch.equal(fresh.marginal_sum_head().cell_correction, torch.zeros(D, K))
     assert torch.equal(fresh.marginal_sum_head().size_correction, torch.zeros(D + 1))
     assert torch.equal(fresh(x, observed, need_logits=False, need_marginal=True)[0], before)
 

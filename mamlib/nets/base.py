@@ -59,10 +59,6 @@ class Backbone(nn.Module):
         observed (position, value)) and ``size_correction`` (D + 1: added by |S|); None for ``pooled``."""
         return next((module for module in self.modules() if isinstance(module, MaskedSum)), None)
 
-    def marginal_cell_correction(self) -> torch.Tensor | None:
-        head = self.marginal_sum_head()
-        return head.cell_correction if head is not None else None
-
     def marginal_score_bias(self) -> torch.Tensor | None:
         """The bias added to every per-position score of the ``sum`` marginal head (None for ``pooled``): shifting it by
         c moves f(x_S) - f(empty) by c * |S|, which is how :func:`mamlib.calibration.fit_level` sets the level."""
