@@ -90,19 +90,6 @@ def _chain_rule_passes(net, x, observed_mask, order, steps_per_pass: int):
         yield terms.sum(0)
 
 
-@torch.no_grad()
-def chain_rule_prefix_log_probs(net, x, order, steps_per_pass: int = 1, progress=None) -> torch.Tensor:
-    """(B, D + 1) float64: column t is the chain rule over the first t positions of ``order``, log p_sigma(x_sigma(<=t))
-    (column 0 = 0, column D = log p_sigma(x)): one D-step chain rule gives every prefix marginal of a row.
-    ``progress``: optional callable(steps done) for a progress bar."""
-    terms = torch.zeros(x.shape[0], x.shape[1] + 1, dtype=torch.float64, device=x.device)
-    for steps, step_terms in _chain_rule_step_terms(net, x, torch.ones_like(x, dtype=torch.bool), order, steps_per_pass):
-        terms[:, steps + 1] = step_terms.T
-        if progress is not None:
-            progress(len(steps))
-    return terms.cumsum(1)
-
-
 def _observed_and_order(x, observed_mask, order):
     if observed_mask is None:
         observed_mask = torch.ones_like(x, dtype=torch.bool)

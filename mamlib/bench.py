@@ -38,7 +38,7 @@ from .progress import progress
 from .runtime import autocast, fast_bf16, select_device, synchronize
 
 # Sizes other than the presets: `compare` are the sizes at which this code was compared with the original
-# (issue 12: U-Net 64 channels x 2 blocks with attention, transformer d 128 x 4 layers, Ising MLP 512 x 4).
+# (U-Net 64 channels x 2 blocks with attention, transformer d 128 x 4 layers, Ising MLP 512 x 4).
 SIZE_OVERRIDES = {
     "cpu": {"preset": "cpu"},
     "compare": {"preset": "cpu", "unet": {"channels": 64, "num_res_blocks": 2, "attention": True},

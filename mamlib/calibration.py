@@ -15,7 +15,6 @@ import torch
 from . import arm
 from .experiment import batched
 from .marginal import log_normalizer, normalized_log_marginal, self_consistency_terms
-from .orders import random_order
 from .progress import progress
 
 
@@ -45,10 +44,9 @@ def consistency_drift(net, rows: torch.Tensor, batch_size: int, device, generato
 
     Along any order the self-consistency residuals telescope, sum_t r_t = f(empty) - f(x) + log p_sigma(x), so with the
     order and the step uniform, -D * E[r] is exactly that mean (E_sigma log p_sigma is the order-averaged chain rule,
-    whose level the self-consistency loss's fixed point has, though not its per-example values: scripts/fixed_point.py;
-    AO-ARM-E's log-mean-exp lies above it by a Jensen gap). One
-    conditional and one marginal pass per row and no chain rule, but a noisy one: the standard error is
-    D * std(r) / sqrt(draws) (about 2 nats for 4,096 MNIST rows when the residuals' rms is 0.17).
+    whose level the self-consistency loss's fixed point has, though not its per-example values; AO-ARM-E's log-mean-exp
+    lies above it by a Jensen gap). One conditional and one marginal pass per row and no chain rule, but a noisy one: the
+    standard error is D * std(r) / sqrt(draws) (about 2 nats for 4,096 MNIST rows when the residuals' rms is 0.17).
 
     ``draws``: (row, order, step) draws, cycling through ``rows`` with a fresh order and step each time round (default:
     each row once). The noise is the step's, not the rows', so more draws than rows still shrink the standard error.
@@ -88,32 +86,6 @@ def cell_totals(values: torch.Tensor, record: dict, num_positions: int, num_clas
 
 
 @torch.no_grad()
-def jensen_gap(net, rows: torch.Tensor, orders: int, batch_size: int, device, steps_per_pass: int = 1,
-               generator: torch.Generator | None = None, description: str | None = None) -> dict:
-    """How far M-order AO-ARM-E lies above the order mean: mean over ``rows`` of log-mean-exp minus mean of M chain
-    rules log p_sigma(x) along independent random orders (nats, with its standard error over the rows).
-
-    Unbiased for E[AO-ARM-E_M(x)] - E_sigma log p_sigma(x), since the M-order mean is unbiased for the order mean. The
-    self-consistency loss and :func:`consistency_drift` put f(x) - f(empty) at the order mean, which is sub-normalised
-    (sum_x exp E_sigma log p_sigma(x) <= sum_x E_sigma p_sigma(x) = 1); adding this gap aligns it with the reference it
-    is scored against, and tends to the mixture's normalised level as M grows. Costs M * D conditional steps per row.
-    ``description``: show a progress bar with this label.
-    """
-    per_row = []
-    starts = range(0, len(rows), batch_size)
-    for start in (progress(starts, desc=description, unit="batch") if description else starts):
-        x = rows[start:start + batch_size].to(device)
-        per_order = torch.stack([arm.chain_rule_log_prob(net, x, order=random_order(len(x), x.shape[1], device=device,
-                                                                                      generator=generator),
-                                                         steps_per_pass=steps_per_pass) for _ in range(orders)])
-        per_row.append((arm.combine_orders(per_order) - per_order.mean(0)).cpu())
-    gaps = torch.cat(per_row).numpy() if per_row else np.zeros(0)
-    spread = float(gaps.std(ddof=1) / math.sqrt(gaps.size)) if gaps.size > 1 else math.nan
-    return {"jensen_gap_nats": float(gaps.mean()) if gaps.size else math.nan, "jensen_gap_se_nats": spread,
-            "n": int(gaps.size), "orders": int(orders)}
-
-
-@torch.no_grad()
 def fit_level(net, rows: torch.Tensor, batch_size: int, device, generator: torch.Generator | None = None,
               also_shift=()) -> dict:
     """Set the level of a ``sum``-head marginal network in closed form: estimate its drift on ``rows``
@@ -149,8 +121,8 @@ def fit_cells(net, drift: dict, prior_draws: float = 1.0, size_buckets: int = 0,
     num_positions, num_classes = head.cell_correction.shape
     counts = drift["cell_counts"]
     if prior_draws < 0 or (prior_draws == 0 and not bool((counts > 0).all())):
-        raise ValueError(f"level_fit_cell_prior={prior_draws} must be positive (or 0 when every (position, value) cell "
-                         f"was drawn): set level_fit_cell_prior=1")
+        raise ValueError(f"prior_draws={prior_draws} must be positive (or 0 when every (position, value) cell "
+                         f"was drawn): use prior_draws=1")
     if not 0 <= size_buckets <= num_positions:
         raise ValueError(f"level_fit_size_buckets={size_buckets} must be between 0 and D = {num_positions}")
     residuals, positions, values = drift["draw_residuals"], drift["draw_positions"], drift["draw_values"]

@@ -18,6 +18,7 @@ from .files import atomic_write
 from .nets.base import ARCH_DEFAULTS
 
 FORMAT_VERSION = 2
+REMOVED_ARCH_OPTIONS = {"marginal_encoder": "shared"}  # arch options no longer offered: the value the code still builds
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -83,7 +84,18 @@ def load_checkpoint(path: str | os.PathLike, expected_kind: str | tuple[str, ...
         kinds = (expected_kind,) if isinstance(expected_kind, str) else expected_kind
         if payload.get("kind") not in kinds:
             raise CheckpointError(f"{path} is a '{payload.get('kind')}' checkpoint, expected one of {list(kinds)}")
+    if isinstance(payload.get("arch"), dict):
+        payload["arch"] = without_removed_options(payload["arch"], path)
     return payload
+
+
+def without_removed_options(arch: dict, path) -> dict:
+    """``arch`` without the removed options, which a checkpoint may store at the value still built; another value fails."""
+    for key, kept in REMOVED_ARCH_OPTIONS.items():
+        if arch.get(key, kept) != kept:
+            raise CheckpointError(f"checkpoint {path} was trained with arch.{key}={arch[key]!r}, an option that was removed "
+                                  f"(only {kept!r} remains): retrain it, or load it with a checkout from before the removal")
+    return {key: value for key, value in arch.items() if key not in REMOVED_ARCH_OPTIONS}
 
 
 DATA_FINGERPRINT_KEYS = ("name", "K", "D", "alphabet", "data_sha256")

@@ -72,25 +72,19 @@ FIELDS: dict[str, Field] = {
     "dataset.val_fraction": at_least(0, float), "dataset.test_fraction": at_least(0, float),
     "load_pretrain": Field(bool), "loadpath_pretrain": Field(str, null=True), "freeze_conditional": Field(bool),
     "include_onpolicy": Field(bool), "onpolicy_init": one_of("samples", "data", "regenerated"), "gibbs_steps": at_least(1),
-    "chain_buffer": at_least(0), "init_from": Field(str, null=True),
+    "init_from": Field(str, null=True),
     "warm_start.objective": Field(str, null=True, choices=("KL", "squared", "mcmc_mle")),
-    "warm_start.fraction": Field(float, 0, strict=True, below=1.0), "reward_scale": one_of("std", "none"),
+    "warm_start.fraction": Field(float, 0, strict=True, below=1.0),
     "model": one_of("MAM", "ARM"), "objective": one_of("KL", "squared", "mcmc_mle"), "keep_chains": Field(bool),
-    "squared_data": one_of("uniform", "pseudo"), "logp_mc": Field(bool), "logp_mc_scale": one_of("mean", "sum"), "alpha": at_least(0, float),
-    "anneal_steps": at_least(0), "anneal_start": positive(float),
+    "logp_mc": Field(bool), "alpha": at_least(0, float),
     "zlr": positive(float), "arm_order": one_of("forward", "backward"), "steps_per_epoch": at_least(1),
     "tau": positive(float), "L": at_least(1), "target_value": Field(float), "metric_name": one_of("logP", "QED", "SA"),
     "string_type": Field(str), "load_full": Field(bool), "dataset.max_len": at_least(1, null=True),
     "ising_model.dim": at_least(2), "ising_model.width": at_least(1, null=True), "ising_model.sigma": Field(float),
     "ising_model.bias": Field(float), "ising_model.n_samples": at_least(1), "ising_model.gt_steps": at_least(0),
-    "anchor_weight": at_least(0, float), "anchor_draws": at_least(1), "anchor_trajectories": at_least(0), "consistency_values": one_of("sampled", "all"),
-    "consistency_span": at_least(1), "consistency_prefix_gradient": Field(float, 0, high=1.0),
-    "consistency_prefix_gradient_from": at_least(0),
-    "step_surprise_share": Field(float, 0, below=1.0), "consistency_extensions": at_least(1), "level_fit_rows": at_least(0),
-    "level_fit_orders": at_least(0), "level_fit_jensen_rows": at_least(1), "level_fit_split": one_of("train", "val"),
-    "level_fit_cells": Field(bool), "level_fit_cell_prior": Field(float, 0), "level_fit_size_buckets": at_least(0),
+    "step_surprise_share": Field(float, 0, below=1.0), "level_fit_rows": at_least(0), "level_fit_split": one_of("train", "val"),
+    "level_fit_cells": Field(bool), "level_fit_size_buckets": at_least(0),
     "arch.marginal_head": one_of("pooled", "sum"),
-    "arch.marginal_encoder": one_of("shared", "own"),
     "train.lr_schedule": one_of("constant", "cosine"), "train.warmup_steps": at_least(0), "train.eval_at_start": Field(bool),
     "train.activation_checkpointing": Field(bool),
     "train.ema_decay": Field(float, 0, null=True, below=1.0),
@@ -141,30 +135,12 @@ def validate(cfg: DictConfig) -> None:
     if level_fit_rows and OmegaConf.select(cfg, "arch.marginal_head", default="pooled") != "sum":
         raise ConfigError(f"level_fit_rows={level_fit_rows} shifts the sum head's per-position scores: "
                           "add arch.marginal_head=sum, or set level_fit_rows=0")
-    level_fit_orders = OmegaConf.select(cfg, "level_fit_orders", default=0)
-    if level_fit_orders and not level_fit_rows:
-        raise ConfigError(f"level_fit_orders={level_fit_orders} adds the Jensen gap to the level fit: "
-                          "add level_fit_rows=N (e.g. 4096), or set level_fit_orders=0")
     if OmegaConf.select(cfg, "level_fit_cells", default=False) and not level_fit_rows:
         raise ConfigError("level_fit_cells=true fits per-cell corrections on the level fit's draws: add level_fit_rows=N "
                           "(e.g. 32768), or set level_fit_cells=false")
     if OmegaConf.select(cfg, "level_fit_size_buckets", default=0) and not OmegaConf.select(cfg, "level_fit_cells", default=False):
         raise ConfigError("level_fit_size_buckets fits a correction by |S| together with the cells: add level_fit_cells=true, "
                           "or set level_fit_size_buckets=0")
-    if level_fit_orders == 1:
-        raise ConfigError("level_fit_orders=1 has no Jensen gap (one order's log-mean-exp is its mean): use 0 or at least 2")
-    reward_scale = OmegaConf.select(cfg, "reward_scale", default="std")
-    if reward_scale != "std" and OmegaConf.select(cfg, "model", default=None) == "ARM":
-        raise ConfigError(f"reward_scale={reward_scale} applies to model=MAM only; the ARM baseline keeps the "
-                          "original's standardised reward: drop reward_scale")
-    extensions = OmegaConf.select(cfg, "consistency_extensions", default=1)
-    if extensions > 1:
-        clashes = [f"{key}={OmegaConf.select(cfg, key)}" for key, plain in
-                   (("anchor_weight", 0), ("consistency_values", "sampled"), ("consistency_span", 1))
-                   if OmegaConf.select(cfg, key, default=plain) != plain]
-        if clashes:
-            raise ConfigError(f"consistency_extensions={extensions} draws several steps for one prefix, which "
-                              f"{', '.join(clashes)} cannot use: set consistency_extensions=1 or drop {', '.join(clashes)}")
 
 
 def reject_added_keys() -> None:

@@ -1,6 +1,6 @@
 """Evaluation helpers: bits per dimension, marginal-quality correlations, timing and result tables.
 
-The correlation protocol follows the original ``preprocess_logp`` / ``compare_logp`` (spec §10):
+The correlation protocol follows the original ``preprocess_logp`` / ``compare_logp``:
 per group of samples, keep only samples whose reference log-likelihoods are separated by more than
 ``threshold`` nats (the Monte-Carlo noise of the reference), correlate the candidate estimates with
 the reference on the kept samples, and average over groups weighted by the kept count.

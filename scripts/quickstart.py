@@ -1,6 +1,8 @@
 """`make quickstart`: MNIST-offline, stage 1 and stage 2 at preset=cpu, eval and generate, and a REPORT.md.
 
-Everything runs through the real entry scripts. Outputs: outputs/quickstart/{stage1,stage2}/ and outputs/quickstart/REPORT.md.
+Everything runs through the real entry scripts with `dataset=mnist_offline preset=cpu`: the settings are those of
+configs/preset/{ao_arm,ao_arm_image,mam,mam_image}/cpu.yaml; this script adds only the run folders and the stage-1
+checkpoint for stage 2. Outputs: outputs/quickstart/{stage1,stage2}/ and outputs/quickstart/REPORT.md.
 Pass extra Hydra overrides for both stages after the script name, e.g. `python scripts/quickstart.py preset=tiny`;
 prefix one with `stage1.` or `stage2.` to give it to that stage only, e.g. `stage2.level_fit_rows=8192`.
 """
@@ -51,7 +53,7 @@ def main() -> None:
     stage1, stage2 = OUT / "stage1", OUT / "stage2"
     timings = {}
     timings["stage 1 train"] = run("ao_arm", stage1)
-    timings["stage 1 generate"] = run("ao_arm", stage1, "mode=generate", "generate.num_samples=9", "generate.batch_size=9")
+    timings["stage 1 generate"] = run("ao_arm", stage1, "mode=generate")
     checkpoint = stage1 / "checkpoints" / "last.pt"
     timings["stage 2 train"] = run("mam", stage2, "load_pretrain=True", f"loadpath_pretrain={checkpoint}")
     timings["stage 2 eval"] = run("mam", stage2, "mode=eval")
@@ -86,7 +88,7 @@ def main() -> None:
         "regenerated-group values).", "",
         f"AO-ARM-E's log-mean-exp lies {results['jensen_gap_nats']:.2f} nats above the mean of its per-order values "
         "(the self-consistency loss's fixed point has the order-averaged chain rule's level, though not its per-image "
-        "values: README, \"The remaining per-image error is systematic\"); against that mean the gap is "
+        "values; docs/experiments.md); against that mean the gap is "
         f"{results['calibration']['full test vs order mean']['gap_nats']:+.2f} nats"
         + (f", and the reference-free drift estimate over {results['drift']['n']} test images (no chain rule) says "
            f"{results['drift']['drift_nats']:+.2f} ± {results['drift']['drift_se_nats']:.2f} nats" if results.get("drift") else "")

@@ -11,6 +11,6 @@ THREADS = 1  # parallel reductions depend on the thread count, so fix it rather 
 
 @pytest.fixture(autouse=True)
 def deterministic(request):
-    """Per test (not per session), so that neither test order nor a module's own settings change the numbers."""
+    """Per test, so that neither test order nor a module's own settings change the numbers."""
     torch.set_num_threads(THREADS)
     seed_everything(zlib.crc32(request.node.nodeid.encode()))

@@ -186,83 +186,6 @@ def test_self_consistency_loss_is_zero_for_exact_marginals():
                           log_joint[[int("".join(map(str, r.tolist())), K) for r in x]], atol=1e-6)
 
 
-def test_all_values_consistency_is_the_expectation_of_the_sampled_one():
-    # consistency_values=all: for each row, sum_k p_phi(k | prefix) * residual(x with x_sigma(d) = k)^2, i.e. the
-    # sampled-value loss averaged over the step's value drawn from the conditionals; zero for exact marginals
-    torch.manual_seed(3)
-    net = MLPPair(K, D, hidden=16, num_layers=2, marginal=True)
-    x = torch.randint(0, K, (12, D))
-    order = random_order(12, D)
-    terms = self_consistency_terms(net, x, order=order, generator=torch.Generator().manual_seed(9), all_values=True)
-    step = torch.randint(0, D, (12,), generator=torch.Generator().manual_seed(9))
-    position = index_at(order, step)
-    probs = arm.conditional_log_probs(net, x, order < step.unsqueeze(1)).exp()[torch.arange(12), position]  # (12, K)
-    expected = torch.zeros(12)
-    for value in range(K):
-        x_value = x.clone()
-        x_value[torch.arange(12), position] = value
-        sampled = self_consistency_terms(net, x_value, order=order, generator=torch.Generator().manual_seed(9))
-        expected += probs[:, value] * sampled["residual"].pow(2)
-        own = x[torch.arange(12), position] == value
-        assert torch.allclose(terms["residual"][own], sampled["residual"][own], atol=1e-5)
-    assert expected.min() > 1e-4  # an untrained pair is inconsistent, so the comparison is not 0 == 0
-    assert torch.allclose(terms["squared_residual"], expected.detach(), rtol=1e-4, atol=1e-6)
-    exact = BruteForceNet(chain_log_joint(D, K, seed=5), D, K)
-    _, parts = self_consistency_loss(exact, x, all_values=True)
-    assert parts["consistency"] < 1e-10
-
-
-@pytest.mark.parametrize("span", [2, 3, D])
-def test_span_residual_telescopes_the_chain_rule_over_k_steps(span):
-    # consistency_span=k: residual = f(x_sigma(<d)) + [log p_sigma(x_sigma(<d+k)) - log p_sigma(x_sigma(<d))] - f(x_sigma(<d+k)),
-    # checked against a full chain rule along the same order at the replayed start d (span = D: the whole sequence)
-    torch.manual_seed(6)
-    net = MLPPair(K, D, hidden=16, num_layers=2, marginal=True)
-    x, order = torch.randint(0, K, (9, D)), random_order(9, D)
-    terms = self_consistency_terms(net, x, order=order, generator=torch.Generator().manual_seed(5), span=span)
-    start = torch.randint(0, D - span + 1, (9,), generator=torch.Generator().manual_seed(5))
-    prefix_log_probs = arm.chain_rule_prefix_log_probs(net, x, order)
-    rows = torch.arange(9)
-    chain = (prefix_log_probs[rows, start + span] - prefix_log_probs[rows, start]).float()
-    prefix_mask, extended_mask = order < start.unsqueeze(1), order < (start + span).unsqueeze(1)
-    expected = log_marginal(net, x, prefix_mask) + chain - log_marginal(net, x, extended_mask)
-    assert expected.abs().min() > 1e-3  # an untrained pair is inconsistent, so the comparison is not 0 == 0
-    assert torch.allclose(terms["residual"], expected, atol=1e-4)
-    assert torch.equal(terms["extended_mask"], extended_mask)
-    assert torch.allclose(terms["squared_residual"], expected.pow(2) / span, atol=1e-4)
-    if span == D:
-        assert torch.equal(start, torch.zeros(9, dtype=torch.long))
-    exact = BruteForceNet(chain_log_joint(D, K, seed=5), D, K)
-    _, parts = self_consistency_loss(exact, x, span=span)
-    assert parts["consistency"] < 1e-10
-    with pytest.raises(ValueError, match="consistency_span"):
-        self_consistency_terms(net, x, span=D + 1)
-
-
-@pytest.mark.parametrize("span", [1, 3])
-def test_prefix_gradient_scale_blends_the_two_ends_of_a_constraint(span):
-    # consistency_prefix_gradient=beta: the same residual; its gradient is beta * grad f(prefix) - grad f(extended), so
-    # 0 leaves only -f(extended prefix) and 0.5 is the mean of the gradients at 0 and 1
-    torch.manual_seed(8)
-    net = MLPPair(K, D, hidden=16, num_layers=2, marginal=True)
-    x, order = torch.randint(0, K, (9, D)), random_order(9, D)
-    terms = {beta: self_consistency_terms(net, x, order=order, generator=torch.Generator().manual_seed(5), span=span,
-                                          conditional_grad=False, prefix_gradient=beta) for beta in (1.0, 0.5, 0.0)}
-    assert torch.allclose(terms[1.0]["residual"], terms[0.0]["residual"])
-    assert torch.allclose(terms[1.0]["residual"], terms[0.5]["residual"])
-    grads = []
-    for residual in (terms[0.0]["residual"].sum(), -log_marginal(net, x, terms[0.0]["extended_mask"]).sum(),
-                     terms[1.0]["residual"].sum(), terms[0.5]["residual"].sum()):
-        net.zero_grad()
-        residual.backward()
-        grads.append(torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None]))
-    assert torch.allclose(grads[0], grads[1], atol=1e-5)
-    assert not torch.allclose(grads[0], grads[2], atol=1e-3)  # with the prefix's gradient it differs
-    assert torch.allclose(grads[3], (grads[0] + grads[2]) / 2, atol=1e-5)
-    with pytest.raises(ValueError, match="consistency_prefix_gradient"):
-        self_consistency_terms(net, x, order=order, prefix_gradient=1.5)
-
-
 def test_surprise_proposal_mixes_surprise_and_uniform_over_the_remaining_positions():
     surprise = torch.tensor([[0.0, 3.0, 1.0, 9.0], [0.0, 0.0, 0.0, 0.0]])
     remaining = torch.tensor([[True, True, True, False], [True, False, True, True]])
@@ -294,22 +217,21 @@ def test_surprise_weighted_steps_keep_the_expected_loss():
     assert terms["residual"].abs().max() < 1e-5
 
 
-@pytest.mark.parametrize("all_values", [False, True])
-def test_extra_rows_ride_in_the_consistency_pass_without_changing_it(all_values):
-    # extra_rows appends other rows (complete rows for the energy KL, anchor prefixes) to the marginal pass: f_extra is
-    # their f and the rest is unchanged
+def test_extra_rows_ride_in_the_consistency_pass_without_changing_it():
+    # extra_rows appends other rows (complete rows for the energy KL) to the marginal pass: f_extra is their f and the
+    # rest is unchanged
     torch.manual_seed(4)
     net = MLPPair(K, D, hidden=16, num_layers=2, marginal=True)
     x, order = torch.randint(0, K, (10, D)), random_order(10, D)
     other_x, other_mask = torch.randint(0, K, (7, D)), torch.rand(7, D) < 0.5
-    plain = self_consistency_terms(net, x, order=order, generator=torch.Generator().manual_seed(2), all_values=all_values)
-    joined = self_consistency_terms(net, x, order=order, generator=torch.Generator().manual_seed(2), all_values=all_values,
+    plain = self_consistency_terms(net, x, order=order, generator=torch.Generator().manual_seed(2))
+    joined = self_consistency_terms(net, x, order=order, generator=torch.Generator().manual_seed(2),
                                     extra_rows=(other_x, other_mask))
     assert "f_extra" not in plain
     assert torch.allclose(joined["f_extra"], log_marginal(net, other_x, other_mask), atol=1e-5)
-    joined["f_extra"].sum().backward()  # the REINFORCE / anchor gradient reaches the marginal network through it
+    joined["f_extra"].sum().backward()  # the REINFORCE gradient reaches the marginal network through it
     assert net.marginal_mlp.input.weight.grad.abs().sum() > 0
-    for key in ("residual", "squared_residual", "f_empty", "f_extended"):
+    for key in ("residual", "squared_residual", "f_empty"):
         assert torch.allclose(joined[key], plain[key], atol=1e-5), key
 
 
@@ -366,8 +288,7 @@ def test_regenerated_onpolicy_rows_keep_data_and_redraw_a_uniform_number_of_step
     dim, classes, rows = 6, 2, 600
     log_joint = 20.0 * all_states(dim, classes).sum(1).double()
     net = BruteForceNet(log_joint, dim, classes)
-    cfg = OmegaConf.create({"include_onpolicy": True, "onpolicy_init": "regenerated", "seed": 0, "anchor_trajectories": 0,
-                            "anchor_weight": 0.0, "train": {"batch_size": rows}})
+    cfg = OmegaConf.create({"include_onpolicy": True, "onpolicy_init": "regenerated", "seed": 0, "train": {"batch_size": rows}})
     dataset = SimpleNamespace(train=[torch.zeros(dim, dtype=torch.long)] * rows)
     objective = MarginalObjective(net, cfg, dataset, torch.device("cpu"))
     objective.on_epoch_start(0)
@@ -375,58 +296,3 @@ def test_regenerated_onpolicy_rows_keep_data_and_redraw_a_uniform_number_of_step
     counts = torch.bincount(redrawn, minlength=dim + 1)
     assert counts[0] == 0 and redrawn.max() <= dim
     assert (counts[1:] > rows / dim / 2).all()  # every n in 1..D occurs (expected 100 each; measured 90-111)
-
-
-def test_prefix_gradient_switches_on_at_the_given_step_and_resumes_there():
-    # consistency_prefix_gradient_from=N: the paper's gradient (beta = 1) for the first N loss evaluations, beta after;
-    # the count is part of the objective's state, so a resumed run switches at the same step
-    from omegaconf import OmegaConf
-
-    from mamlib.stages.mam_mle import MarginalObjective
-
-    cfg = OmegaConf.create({"consistency_prefix_gradient": 0.25, "consistency_prefix_gradient_from": 2, "anchor_weight": 0.0,
-                            "anchor_draws": 1, "anchor_trajectories": 0, "include_onpolicy": False})
-    torch.manual_seed(0)
-    objective = MarginalObjective(MLPPair(K, D, hidden=16, num_layers=2, marginal=True), cfg, None, torch.device("cpu"))
-    seen = []
-    for _ in range(3):
-        seen.append(objective.prefix_gradient())
-        objective.loss(torch.randint(0, K, (4, D)))
-    assert seen == [1.0, 1.0, 0.25]
-    restored = MarginalObjective(objective.net, cfg, None, torch.device("cpu"))
-    restored.load_state_dict(objective.state_dict())
-    assert restored.evaluations == 3 and restored.prefix_gradient() == 0.25
-
-
-@pytest.mark.parametrize("share", [0.0, 0.7])
-def test_extensions_draw_several_steps_per_prefix_and_keep_the_expected_loss(share):
-    # consistency_extensions=m: one prefix per row, m next positions drawn for it; row k * B + b is draw k of row b.
-    # Every drawn step adds one position outside the row's prefix, the mean of the m * B weighted squared residuals
-    # matches the one-step uniform draw's over many rows (bound: 4 standard errors), and exact consistent marginals
-    # give zero residuals.
-    torch.manual_seed(2)
-    net = MLPPair(K, D, hidden=16, num_layers=2, marginal=True)
-    x = torch.randint(0, K, (1, D)).repeat(20_000, 1)
-    with torch.no_grad():
-        uniform = self_consistency_terms(net, x, generator=torch.Generator().manual_seed(1))["squared_residual"]
-        terms = self_consistency_terms(net, x, generator=torch.Generator().manual_seed(1), surprise_share=share,
-                                       extensions=3)
-    batch = len(x)
-    assert terms["squared_residual"].shape == (3 * batch,)
-    extended = terms["extended_mask"].view(3, batch, D)
-    added = extended.sum(2)  # one position more than the row's prefix, the same prefix for all three draws
-    assert torch.equal(added[0], added[1]) and torch.equal(added[1], added[2])
-    common = extended[0] & extended[1] & extended[2]
-    assert ((extended & ~common.unsqueeze(0)).sum(2) <= 1).all()
-    weighted = terms["squared_residual"]
-    standard_error = (uniform.var() / batch + weighted.var() / weighted.numel()).sqrt()
-    assert abs(uniform.mean() - weighted.mean()) < 4 * standard_error
-    assert standard_error < 0.1 * uniform.mean()
-    exact = BruteForceNet(chain_log_joint(D, K, seed=5), D, K)
-    exact_terms = self_consistency_terms(exact, x[:100], generator=torch.Generator().manual_seed(3), surprise_share=share,
-                                         extensions=4)
-    assert exact_terms["residual"].shape == (400,) and exact_terms["residual"].abs().max() < 1e-5
-    with pytest.raises(ValueError, match="consistency_extensions"):
-        self_consistency_terms(net, x[:4], extensions=0)
-    with pytest.raises(ValueError, match="consistency_extensions=1"):
-        self_consistency_loss(net, x[:4], anchor_weight=1.0, extensions=2)

@@ -285,6 +285,6 @@ def test_the_readme_example_runs(mam_checkpoint, tmp_path):
 def test_readme_example_is_the_tested_script():
     """The README's Python example is docs/api_example.py verbatim, so the test above runs what users copy."""
     readme = (ROOT / "README.md").read_text()
-    section = readme.split("## Using a trained model from Python", 1)[1]
+    section = readme.split("## Python API", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     assert code == (ROOT / "docs" / "api_example.py").read_text()

@@ -46,16 +46,3 @@ def test_paired_timer_alternates_the_two_cases():
     first, _ = bench.Timer(torch.device("cpu"), repeats=1, warmup=0, min_seconds=0.05, max_repeats=1000).paired(nap, nap)
     assert 1 <= first["calls"] <= 5
 
-
-def test_unet_version_timer_runs_on_this_checkout(capsys, monkeypatch):
-    import runpy
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parents[1] / "scripts" / "time_unet_versions.py"
-    monkeypatch.setattr(sys, "argv", [str(script), "--cases", "likelihood", "--steps", "1", "--repeats", "1",
-                                      "--steps-per-pass", "1", "--precision", "fp32", "bf16"])
-    runpy.run_path(str(script), run_name="__main__")
-    out = capsys.readouterr().out
-    assert "exact likelihood, 4 images x 784 steps, steps_per_pass=1, fp32:" in out and "peak resident memory" in out
-    assert "steps_per_pass=1, bf16:" in out

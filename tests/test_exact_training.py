@@ -47,7 +47,8 @@ def trained(tmp_path_factory):
                run_dir=work / "stage1")
     stage1 = work / "stage1" / "checkpoints" / "last.pt"
     # the sum head with a cosine schedule (README ablation); the paper's pooled head reached |log mass| 0.21 here
-    mam_mle.run(config("mam_seq", data + COMMON + ["arch.marginal_hidden=64", "arch.marginal_head=sum", "train.lr_schedule=cosine",
+    mam_mle.run(config("mam_seq", data + COMMON + ["arch=transformer", "arch.marginal_hidden=64", "arch.marginal_head=sum",
+                                                  "train.lr_schedule=cosine",
                                                   "load_pretrain=True", f"loadpath_pretrain={stage1}", "train.batch_size=128",
                                                   "train.max_steps=800", "train.lr=3e-3", "eval.gap_val_examples=0"]),
                 run_dir=work / "stage2")

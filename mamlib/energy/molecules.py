@@ -18,7 +18,7 @@ Molecule processing, the same for every metric:
   RDKit parse/sanitization failure, a molecule without atoms or a metric that fails or is not finite all
   make the string *invalid*.
 
-Differences from the original ``MolEvalModel`` (see original-spec §11 items 17-18):
+Differences from the original ``MolEvalModel`` (README, "Differences from the original code"):
   * no multiprocessing pool (the original opened a new 8-process pool per call and never closed it);
     serial RDKit costs about 0.2-1.5 ms per molecule, i.e. well under a second for a batch of 512;
   * invalid strings get a finite penalty instead of score -1e10 (reward ~ -1e21), see

@@ -29,8 +29,7 @@ def build_backbone(arch_cfg, num_classes: int, num_positions: int, image_shape=N
         return UNet(image_shape=tuple(image_shape), num_classes=num_classes, channels=arch_cfg.channels,
                     num_res_blocks=arch_cfg.num_res_blocks, attention=arch_cfg.attention, dropout=arch_cfg.dropout,
                     marginal=marginal, marginal_hidden=arch_cfg.marginal_hidden,
-                    marginal_head=arch_cfg.get("marginal_head", ARCH_DEFAULTS["marginal_head"]),
-                    marginal_encoder=arch_cfg.get("marginal_encoder", ARCH_DEFAULTS["marginal_encoder"]))
+                    marginal_head=arch_cfg.get("marginal_head", ARCH_DEFAULTS["marginal_head"]))
     raise ValueError(f"unknown arch {name!r}; choose one of {ARCH_NAMES}")
 
 

@@ -80,7 +80,7 @@ def at_positions(values: torch.Tensor, positions: torch.Tensor | None) -> torch.
 MARGINAL_HEADS = ("pooled", "sum")
 
 # arch options that configs and checkpoints written before they existed do not have: their absence means this value
-ARCH_DEFAULTS = {"marginal_head": "pooled", "marginal_encoder": "shared"}
+ARCH_DEFAULTS = {"marginal_head": "pooled"}
 
 
 def check_marginal_head(kind: str) -> str:

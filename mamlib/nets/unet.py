@@ -1,4 +1,4 @@
-"""Single-resolution U-Net over single-channel images, with an optional marginal branch (spec §2.1-2.4).
+"""Single-resolution U-Net over single-channel images, with an optional marginal branch.
 
 Layout (``ch_mult=[1]``: every feature map stays H x W with ``channels`` channels):
   input embedding -> down path (``num_res_blocks`` stages) -> middle (res, attention, res)
@@ -9,9 +9,7 @@ Marginal branch (``marginal=True``): a second up path + head (``marginal_up``, `
 the middle output and the same skips and time embedding; its 1-channel map (B, H*W) goes through an
 MLP D -> hidden -> hidden -> 1 (GELU) to give log_marginal. The conditional parameter names are the same
 with or without the branch, so a stage-1 state dict loads into a stage-2 model with exactly
-``marginal_prefixes`` missing. With ``marginal_encoder="own"`` the branch also has its own trainable copy of the
-down path and middle (``marginal_down``, ``marginal_middle_*``), read from the shared input embedding, so a
-marginal-only pass skips the conditional encoder.
+``marginal_prefixes`` missing.
 
 Differences from the original on purpose:
   * the value embedding has K+1 rows (values 0..K-1 plus the missing symbol K) instead of 256 grey levels;
@@ -193,19 +191,13 @@ class MarginalHead(nn.Module):
         return self.mlp(scores).squeeze(-1)
 
 
-MARGINAL_ENCODERS = ("shared", "own")
-ENCODER_PARTS = ("down", "middle_in", "middle_attention", "middle_out")  # copied for marginal_encoder="own"
-
-
 class UNet(Backbone):
     """U-Net backbone for (H, W) single-channel images with K values per pixel; positions are pixels row-major."""
 
     def __init__(self, image_shape=(28, 28), num_classes: int = 2, channels: int = 256, num_res_blocks: int = 4,
                  attention: bool = True, dropout: float = 0.0, marginal: bool = False, marginal_hidden: int = 4096,
-                 max_time: int = 1000, marginal_head: str = "pooled", marginal_encoder: str = "shared"):
+                 max_time: int = 1000, marginal_head: str = "pooled"):
         super().__init__()
-        if marginal_encoder not in MARGINAL_ENCODERS:
-            raise ValueError(f"arch.marginal_encoder={marginal_encoder!r} is unknown; use one of {MARGINAL_ENCODERS}")
         if len(image_shape) != 2 or min(image_shape) < 1:
             raise ValueError(f"image_shape must be (height, width) of a single-channel image, got {image_shape!r}")
         if num_classes < 2:
@@ -227,18 +219,10 @@ class UNet(Backbone):
         self.middle_out = ResBlock(channels, channels, time_dim, dropout)
         self.up = up_path(channels, num_res_blocks + 1, time_dim, dropout, attention)
         self.head = output_head(channels, num_classes)
-        self.marginal_encoder = marginal_encoder
         if marginal:
             self.marginal_up = up_path(channels, num_res_blocks + 1, time_dim, dropout, attention)
             self.marginal_head = MarginalHead(channels, self.num_positions, self.num_classes, marginal_hidden, marginal_head)
             self.marginal_prefixes = ("marginal_up.", "marginal_head.")
-            if marginal_encoder == "own":  # a trainable copy of the down path and middle for the marginal branch
-                self.marginal_down = nn.ModuleList(Stage(channels, channels, time_dim, dropout, attention)
-                                                   for _ in range(num_res_blocks))
-                self.marginal_middle_in = ResBlock(channels, channels, time_dim, dropout)
-                self.marginal_middle_attention = SpatialAttention(channels)
-                self.marginal_middle_out = ResBlock(channels, channels, time_dim, dropout)
-                self.marginal_prefixes += tuple(f"marginal_{part}." for part in ENCODER_PARTS)
 
     def set_activation_checkpointing(self, enabled: bool) -> None:
         self.checkpoint_stages = bool(enabled)
@@ -258,9 +242,6 @@ class UNet(Backbone):
         if not self.has_marginal:
             return False
         self.marginal_up.load_state_dict(self.up.state_dict())
-        if self.marginal_encoder == "own":
-            for part in ENCODER_PARTS:
-                getattr(self, "marginal_" + part).load_state_dict(getattr(self, part).state_dict())
         return True
 
     def _check_inputs(self, x: torch.Tensor, observed_mask: torch.Tensor):
@@ -285,26 +266,17 @@ class UNet(Backbone):
         batch = x.shape[0]
         grid = (batch, *self.image_shape)
         tokens = self.input_tokens(x, observed_mask).view(grid)
-        embedded, time = self.embed(tokens, observed_mask.view(grid))
-        own_encoder = self.marginal_encoder == "own"
-        if need_logits or not own_encoder:
-            h, skips = self._encode("", embedded, time)
+        h, time = self.embed(tokens, observed_mask.view(grid))
+        skips = [h]
+        for stage in self.down:
+            h = self._run_block(stage, h, time)
+            skips.append(h)
+        h = self._run_block(self.middle_in, h, time)
+        h = self._run_block(self.middle_out, self._run_block(self.middle_attention, h), time)
         logits = log_marginal = None
         if need_logits:
             conditional = self.head(self._run_up(self.up, h, skips, time))  # (B, K, H, W)
             logits = at_positions(conditional.flatten(2).transpose(1, 2), positions)  # (B, H*W row-major, K)
         if need_marginal:
-            if own_encoder:
-                h, skips = self._encode("marginal_", embedded, time)
             log_marginal = self.marginal_head(self._run_up(self.marginal_up, h, skips, time), observed_mask, x)
         return log_marginal, logits
-
-    def _encode(self, prefix: str, h: torch.Tensor, time: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Down path and middle named ``prefix + down`` etc.: the shared ones ("") or the marginal branch's own."""
-        skips = [h]
-        for stage in getattr(self, prefix + "down"):
-            h = self._run_block(stage, h, time)
-            skips.append(h)
-        h = self._run_block(getattr(self, prefix + "middle_in"), h, time)
-        h = self._run_block(getattr(self, prefix + "middle_attention"), h)
-        return self._run_block(getattr(self, prefix + "middle_out"), h, time), skips

@@ -75,32 +75,9 @@ def pseudo_data(target, count: int, device) -> torch.Tensor:
     return torch.stack([train[int(i)] for i in index]).to(device)
 
 
-def inverse_temperature(cfg, epoch: int) -> float:
-    """beta multiplying log f in the KL objective's reward at ``epoch``: rises linearly from ``anneal_start`` to 1 over
-    ``anneal_steps`` optimizer steps (epoch granularity), then stays 1; 1 throughout when ``anneal_steps`` is 0."""
-    steps = int(cfg.get("anneal_steps") or 0)
-    if steps <= 0:
-        return 1.0
-    start = float(cfg.get("anneal_start", 0.1))
-    return min(1.0, start + (1.0 - start) * epoch * cfg.steps_per_epoch / steps)
-
-
-def check_annealing(cfg) -> None:
-    if int(cfg.get("anneal_steps") or 0) > 0:
-        if cfg.objective != "KL":
-            raise ConfigError(f"anneal_steps applies to objective=KL only (got objective={cfg.objective}); set anneal_steps=0")
-        if float(cfg.get("anneal_start", 0.1)) > 1.0:  # > 0 is checked with the other keys (cli.FIELDS)
-            raise ConfigError(f"anneal_start={cfg.anneal_start} must be at most 1 (the target's own temperature)")
-
-
 def standardized(values: torch.Tensor) -> torch.Tensor:
+    """The REINFORCE weight of each sample (the original's): the reward minus the batch mean, over the batch std."""
     return (values - values.mean()) / (values.std() + torch.finfo(values.dtype).eps)
-
-
-def reinforce_weight(reward: torch.Tensor, reward_scale: str = "std") -> torch.Tensor:
-    """The REINFORCE weight of each sample: the reward minus the batch mean, divided by the batch std (``std``, the
-    original's) or not (``none``)."""
-    return standardized(reward) if reward_scale == "std" else reward - reward.mean()
 
 
 # -- objectives ------------------------------------------------------------------------------------
@@ -110,19 +87,14 @@ class MaMEnergyObjective:
 
     def __init__(self, net, target, cfg, device):
         self.net, self.target, self.cfg, self.device = net, target, cfg, device
-        D, K = net.num_positions, net.num_classes
-        init = cfg.log_z_init if cfg.log_z_init is not None else D * math.log(K)  # the original used D ln 2 for any K
-        self.log_z = torch.nn.Parameter(torch.tensor(float(init), device=device), requires_grad=cfg.objective == "squared")
+        init = net.num_positions * math.log(net.num_classes)  # D ln K (the original used D ln 2 for any K)
+        self.log_z = torch.nn.Parameter(torch.tensor(init, device=device), requires_grad=cfg.objective == "squared")
         self.samples: torch.Tensor | None = None
         self.samples_log_f: torch.Tensor | None = None  # mcmc_mle: log f of the chains, kept between steps
-        self.chain_history: torch.Tensor | None = None  # mcmc_mle with chain_buffer > 0: recent chain states, newest first
         if cfg.objective not in ("KL", "squared", "mcmc_mle"):
             raise ValueError(f"objective={cfg.objective!r} is unknown for model=MAM; use KL, squared or mcmc_mle")
-        check_annealing(cfg)
-        self.beta = 1.0  # inverse temperature of log f in the KL reward (anneal_steps)
 
     def on_epoch_start(self, epoch: int) -> None:
-        self.beta = inverse_temperature(self.cfg, epoch)
         # chains re-drawn by ancestral sampling with p_phi (once with keep_chains), refreshed by censor-and-resample each
         # step; mcmc_mle keeps its Metropolis chains (re-drawing them would restart their convergence to f)
         if (self.cfg.get("keep_chains") or self.cfg.objective == "mcmc_mle") and self.samples is not None:
@@ -134,8 +106,7 @@ class MaMEnergyObjective:
 
     def _penalty(self, x, conditional_grad: bool = True, extra_rows=None):
         """(mean squared self-consistency residual, (f(empty) - log Z)^2, the terms of :func:`self_consistency_terms`)."""
-        terms = self_consistency_terms(self.net, x, all_values=self.cfg.get("consistency_values", "sampled") == "all",
-                                       conditional_grad=conditional_grad, extra_rows=extra_rows)
+        terms = self_consistency_terms(self.net, x, conditional_grad=conditional_grad, extra_rows=extra_rows)
         consistency = terms["squared_residual"].mean()
         normalizer = (terms["f_empty"] - self.log_z).pow(2)
         return consistency, normalizer, terms
@@ -151,19 +122,14 @@ class MaMEnergyObjective:
             complete = (self.samples, torch.ones_like(self.samples, dtype=torch.bool))
             consistency, normalizer, terms = self._penalty(self.samples, extra_rows=complete)  # f(x) rides in its pass
             log_p = terms["f_extra"]
-            weight = reinforce_weight(log_p.detach() - self.log_z.detach() - self.beta * log_f, cfg.get("reward_scale", "std"))
-            surrogate = log_p
-            if cfg.logp_mc:  # the original's estimate is of log p / D; "sum" scales it to an unbiased log p estimate
-                surrogate = arm.one_step_mean_log_prob(self.net, self.samples) * (D if cfg.get("logp_mc_scale") == "sum" else 1)
+            weight = standardized(log_p.detach() - self.log_z.detach() - log_f)
+            # logp_mc: the original's one-step estimate, of log p / D
+            surrogate = arm.one_step_mean_log_prob(self.net, self.samples) if cfg.logp_mc else log_p
             fit = (weight * surrogate).mean()
             penalty = D * consistency + normalizer
             metrics["kl_estimate"] = (log_p.detach() - self.log_z.detach() - log_f).mean().item()
-            metrics["beta"] = self.beta
-        else:  # squared error of f_theta on uniform random configurations or pseudo-data, log Z learnable
-            if cfg.get("squared_data", "pseudo") == "pseudo":
-                random_x = pseudo_data(self.target, len(self.samples), self.device)
-            else:
-                random_x = torch.randint(0, self.net.num_classes, self.samples.shape, device=self.device)
+        else:  # squared error of f_theta on pseudo-data (the original's), log Z learnable
+            random_x = pseudo_data(self.target, len(self.samples), self.device)
             f_random = log_marginal(self.net, random_x, torch.ones_like(random_x, dtype=torch.bool)).float()
             fit = 0.5 * (f_random - target_log_f(self.target, random_x)).pow(2).mean()
             consistency_random, _, _ = self._penalty(random_x)
@@ -182,9 +148,8 @@ class MaMEnergyObjective:
         self.samples, accepted, self.samples_log_f = arm.metropolis_censor_and_resample(
             self.net, self.samples, self.cfg.gibbs_steps, lambda x: target_log_f(self.target, x),
             current_log_target=self.samples_log_f)
-        fitted = self._fit_rows()
-        fit, _ = arm.aoarm_loss(self.net, fitted)
-        consistency, normalizer, _ = self._penalty(fitted, conditional_grad=False)
+        fit, _ = arm.aoarm_loss(self.net, self.samples)
+        consistency, normalizer, _ = self._penalty(self.samples, conditional_grad=False)
         penalty = self.net.num_positions * consistency + normalizer
         log_f = self.samples_log_f
         metrics = {"log_f_mean": log_f.mean().item(), "log_f_std": log_f.std().item(),
@@ -192,27 +157,12 @@ class MaMEnergyObjective:
                    "normalizer": normalizer.item(), "fit": fit.item(), "log_z": self.log_z.item()}
         return fit + self.cfg.alpha * penalty, metrics
 
-    def _fit_rows(self) -> torch.Tensor:
-        """The rows the conditionals are fitted to: the chains, or (chain_buffer = N > 0) a uniform draw from their last
-        N states, so that successive steps see less correlated data."""
-        size = int(self.cfg.get("chain_buffer") or 0)
-        if size == 0:
-            return self.samples
-        history = self.samples if self.chain_history is None else torch.cat([self.samples, self.chain_history])
-        self.chain_history = history[:size]
-        return self.chain_history[torch.randint(len(self.chain_history), (len(self.samples),), device=self.device)]
-
     def state_dict(self) -> dict:
-        state = {"samples": None if self.samples is None else self.samples.cpu(), "log_z": self.log_z.detach().cpu()}
-        if self.chain_history is not None:
-            state["chain_history"] = self.chain_history.cpu()
-        return state
+        return {"samples": None if self.samples is None else self.samples.cpu(), "log_z": self.log_z.detach().cpu()}
 
     def load_state_dict(self, state: dict) -> None:
         self.samples = None if state["samples"] is None else state["samples"].to(self.device)
         self.samples_log_f = None
-        history = state.get("chain_history")
-        self.chain_history = None if history is None else history.to(self.device)
         with torch.no_grad():
             self.log_z.copy_(state["log_z"])
 
@@ -227,19 +177,17 @@ class ARMEnergyObjective:
     def __init__(self, net, target, cfg, device):
         if cfg.objective != "KL":
             raise ValueError("model=ARM supports objective=KL only")
-        check_annealing(cfg)
         self.net, self.target, self.cfg, self.device = net, target, cfg, device
         self.log_z = None
-        self.beta = 1.0
 
     def on_epoch_start(self, epoch: int) -> None:
-        self.beta = inverse_temperature(self.cfg, epoch)
+        pass
 
     def loss_and_backward(self, batch, scale: float = 1.0) -> tuple[float, dict]:
         """The trainer calls this instead of ``loss``: the exact estimator's backward runs pass by pass."""
         cfg = self.cfg
         return reinforce_backward(self.net, self.target, "ARM-MC" if cfg.logp_mc else "ARM", cfg.train.batch_size,
-                                  cfg.arm_order, cfg.eval.steps_per_pass, scale, beta=self.beta)
+                                  cfg.arm_order, cfg.eval.steps_per_pass, scale)
 
     def state_dict(self) -> dict:
         return {}
@@ -314,9 +262,7 @@ def phase_configs(cfg, first_objective: str, first_checkpoint: str):
         if cfg.train.get(key):
             first_train[key] = max(1, round(cfg.train[key] * fraction))
             second_train[key] = max(1, cfg.train[key] - first_train[key])
-    first_anneal = cfg.get("anneal_steps", 0) if first_objective == "KL" else 0  # annealing is KL's only
-    first = OmegaConf.merge(cfg, {"objective": first_objective, "warm_start": {"objective": None}, "train": first_train,
-                                  "anneal_steps": first_anneal})
+    first = OmegaConf.merge(cfg, {"objective": first_objective, "warm_start": {"objective": None}, "train": first_train})
     second = OmegaConf.merge(cfg, {"init_from": first_checkpoint, "train": second_train})
     return first, second
 
@@ -630,10 +576,10 @@ def score(exp: Experiment, target, info) -> None:
 # -- Figure 3: gradient variance -------------------------------------------------------------------
 
 def reinforce_backward(net, target, estimator: str, batch_size: int, order_kind, steps_per_pass: int,
-                       scale: float = 1.0, beta: float = 1.0) -> tuple[float, dict]:
+                       scale: float = 1.0) -> tuple[float, dict]:
     """Backpropagates one fresh minibatch's REINFORCE surrogate, scale * mean_b w_b log p(x_b) with the standardised
-    reward w = standardise(log p - beta log f) held fixed: its gradient is the KL gradient estimate (to f^beta; beta < 1
-    while annealing). Returns (surrogate value, logged figures).
+    reward w = standardise(log p - log f) held fixed: its gradient is the KL gradient estimate. Returns (surrogate
+    value, logged figures).
 
     MaM: samples from the conditionals, log p = f(x) (one marginal pass). ARM: samples in its order; log p is the exact
     chain rule, which the sampling passes already computed (the weights), backpropagated one network pass at a time
@@ -649,7 +595,7 @@ def reinforce_backward(net, target, estimator: str, batch_size: int, order_kind,
     log_f = target_log_f(target, samples)
     if estimator == "ARM":
         estimate = sample_log_prob.float()
-        weight = standardized(estimate - beta * log_f)
+        weight = standardized(estimate - log_f)
         arm.backward_chain_rule(net, samples, weight * (scale / batch_size), order=order, steps_per_pass=steps_per_pass)
     else:
         if estimator == "MaM":
@@ -659,7 +605,7 @@ def reinforce_backward(net, target, estimator: str, batch_size: int, order_kind,
             with torch.no_grad():
                 estimate = arm.one_step_log_prob(net, samples, order=order).float()
             surrogate = arm.one_step_log_prob(net, samples, order=order).float()
-        weight = standardized(estimate - beta * log_f)
+        weight = standardized(estimate - log_f)
         ((weight * surrogate).mean() * scale).backward()
     value = (weight * estimate).mean().item()
     return value, {"log_f_mean": log_f.mean().item(), "log_f_std": log_f.std().item(), "kl_estimate": (estimate - log_f).mean().item()}

@@ -13,12 +13,12 @@ from omegaconf import OmegaConf
 from .. import arm
 from ..checkpoint import CheckpointError
 from ..errors import ConfigError
-from ..calibration import (CalibrationSet, consistency_drift, fit_cells, jensen_gap, flat_gap_metrics, gap_summary,
-                           group_error_summary, shift_level)
+from ..calibration import (CalibrationSet, consistency_drift, fit_cells, flat_gap_metrics, gap_summary, group_error_summary,
+                           shift_level)
 from ..evaluation import aggregate_correlations, bits_per_dim, correlation_summary, time_callable, write_report
 from ..experiment import Experiment, batched, make_optimizer
 from ..files import atomic_write, save_npz_atomic, write_text_atomic
-from ..marginal import TrajectoryAnchor, log_normalizer, normalized_log_marginal, self_consistency_loss
+from ..marginal import log_normalizer, normalized_log_marginal, self_consistency_loss
 from ..orders import random_order
 from ..plots import save_image_grid, save_regenerated_panel, save_scatter
 from ..runtime import maybe_compile, synchronize
@@ -29,6 +29,7 @@ from .common import (checkpoint_meta, export, fit_on_data, load_data, load_model
 log = logging.getLogger("mamlib")
 KIND = "mam"
 STAGE1_KIND = "ao_arm"
+LEVEL_FIT_CELL_PRIOR = 1.0  # pseudo-draws at the shared level per cell: shrinks rarely drawn cells toward it
 
 
 def load_stage1(exp: Experiment, dataset):
@@ -53,9 +54,8 @@ def load_stage1(exp: Experiment, dataset):
 
 
 def marginal_arch(cfg) -> dict:
-    """Stage 2 takes the architecture from the stage-1 checkpoint; only the marginal branch (head kind, width, encoder) comes
-    from arch.*."""
-    return {key: cfg.arch[key] for key in ("marginal_hidden", "marginal_head", "marginal_encoder") if cfg.arch.get(key) is not None}
+    """Stage 2 takes the architecture from the stage-1 checkpoint; only the marginal head (kind, width) comes from arch.*."""
+    return {key: cfg.arch[key] for key in ("marginal_hidden", "marginal_head") if cfg.arch.get(key) is not None}
 
 
 class MarginalObjective:
@@ -64,20 +64,8 @@ class MarginalObjective:
     def __init__(self, net, cfg, dataset, device):
         self.net, self.cfg, self.dataset, self.device = net, cfg, dataset, device
         self.samples: torch.Tensor | None = None
-        self.trajectories: TrajectoryAnchor | None = None
-        self.evaluations = 0  # loss evaluations so far (= steps without gradient accumulation), kept for resuming
-        if cfg.get("anchor_trajectories", 0) and not cfg.anchor_weight:
-            raise ValueError(f"anchor_trajectories={cfg.anchor_trajectories} only changes the anchor term's targets: "
-                             "also set anchor_weight > 0 (e.g. anchor_weight=20), or anchor_trajectories=0")
 
     def on_epoch_start(self, epoch: int) -> None:
-        if self.cfg.get("anchor_trajectories", 0) and self.trajectories is None:  # once; a resumed run has its own
-            self.net.eval()
-            rows = sample_rows(self.dataset.train, self.cfg.anchor_trajectories, self.cfg.seed + 2024)
-            self.trajectories = TrajectoryAnchor.compute(
-                self.net, rows, self.cfg.eval.batch_size, self.cfg.eval.steps_per_pass,
-                generator=torch.Generator().manual_seed(int(self.cfg.seed) + 2025), device=self.device)
-            self.net.train()
         if not self.cfg.include_onpolicy:
             return
         count = self.cfg.train.batch_size
@@ -102,31 +90,13 @@ class MarginalObjective:
         if self.cfg.include_onpolicy:
             self.samples = arm.censor_and_resample(self.net, self.samples, self.cfg.gibbs_steps)
             x = torch.cat([batch, self.samples])
-        loss, parts = self_consistency_loss(self.net, x, log_z=0.0, anchor_weight=self.cfg.anchor_weight,
-                                            anchor_draws=self.cfg.anchor_draws, trajectories=self.trajectories,
-                                            all_values=self.cfg.get("consistency_values", "sampled") == "all",
-                                            span=self.cfg.get("consistency_span", 1),
-                                            prefix_gradient=self.prefix_gradient(),
-                                            surprise_share=self.cfg.get("step_surprise_share", 0.0),
-                                            extensions=self.cfg.get("consistency_extensions", 1))
-        self.evaluations += 1
-        return loss, parts
-
-    def prefix_gradient(self) -> float:
-        """consistency_prefix_gradient from loss evaluation consistency_prefix_gradient_from on, 1 (the paper's) before."""
-        if self.evaluations < self.cfg.get("consistency_prefix_gradient_from", 0):
-            return 1.0
-        return self.cfg.get("consistency_prefix_gradient", 1.0)
+        return self_consistency_loss(self.net, x, log_z=0.0, surprise_share=self.cfg.get("step_surprise_share", 0.0))
 
     def state_dict(self) -> dict:
-        return {"samples": None if self.samples is None else self.samples.cpu(), "evaluations": self.evaluations,
-                "trajectories": None if self.trajectories is None else self.trajectories.state_dict()}
+        return {"samples": None if self.samples is None else self.samples.cpu()}
 
     def load_state_dict(self, state: dict) -> None:
-        self.evaluations = int(state.get("evaluations", 0))
         self.samples = None if state.get("samples") is None else state["samples"].to(self.device)
-        if state.get("trajectories") is not None:
-            self.trajectories = TrajectoryAnchor.from_state_dict(state["trajectories"])
 
 
 @torch.no_grad()
@@ -177,30 +147,22 @@ def train(exp: Experiment, dataset) -> None:
 def fit_level_after_training(exp: Experiment, dataset, net, trainer) -> None:
     """``level_fit_rows=N``: measure the finished network's drift on N draws of ``level_fit_split`` rows (the whole
     split, again with fresh steps, when N is larger) and remove it (see :func:`mamlib.calibration.fit_level`); with
-    ``level_fit_orders=M`` also add the M-order Jensen gap measured on ``level_fit_jensen_rows`` of those rows, so the
-    level is AO-ARM-E's (M orders) rather than the order mean's; with ``level_fit_cells`` the same draws set one
-    correction per (position, value) instead of one shared level (:func:`mamlib.calibration.fit_cells`). Then save
-    last.pt again with all of it recorded."""
+    ``level_fit_cells`` the same draws set one correction per (position, value) instead of one shared level
+    (:func:`mamlib.calibration.fit_cells`). Then save last.pt again with all of it recorded."""
     cfg = exp.cfg
     rows = sample_rows(getattr(dataset, cfg.level_fit_split), cfg.level_fit_rows, cfg.seed + 4)
     bias = net.marginal_score_bias()
     name = next(name for name, parameter in net.named_parameters() if parameter is bias)
     net.eval()
-    jensen = None
     with torch.no_grad(), trainer.averaged_weights():  # the weights the checkpoint serves
         drift = consistency_drift(net, rows, max(cfg.eval.batch_size, 64), exp.device,
                                   generator=torch.Generator(device=exp.device).manual_seed(int(cfg.seed) + 4),
                                   draws=cfg.level_fit_rows, description="level fit", by_cell=cfg.level_fit_cells)
-        if cfg.level_fit_orders:
-            jensen = jensen_gap(net, rows[:cfg.level_fit_jensen_rows], cfg.level_fit_orders, cfg.eval.batch_size, exp.device,
-                                cfg.eval.steps_per_pass, torch.Generator(device=exp.device).manual_seed(int(cfg.seed) + 5),
-                                description="level fit: Jensen gap")
-    removed = drift["drift_nats"] - (jensen["jensen_gap_nats"] if jensen else 0.0)
+    removed = drift["drift_nats"]  # the level the fit takes out
     also_shift = [trainer.ema[name]] if trainer.ema is not None else ()
     cells = None
-    if cfg.level_fit_cells:  # the cells take the drift out (level included), image by image; the Jensen gap stays shared
-        cells = fit_cells(net, drift, cfg.level_fit_cell_prior, cfg.level_fit_size_buckets)
-        shift_level(net, removed - drift["drift_nats"], also_shift)
+    if cfg.level_fit_cells:  # the cells take the drift out (level included), image by image
+        cells = fit_cells(net, drift, LEVEL_FIT_CELL_PRIOR, cfg.level_fit_size_buckets)
         drift = {key: value for key, value in drift.items() if not torch.is_tensor(value)}  # the draws stay out of the meta
         log.info("level fit: one correction per (position, value) on %d of %d cells, standard deviation %.3f nats",
                  cells["cells_drawn"], cells["cells"], cells["cell_correction_sd_nats"])
@@ -213,16 +175,11 @@ def fit_level_after_training(exp: Experiment, dataset, net, trainer) -> None:
     log.info("level fit: the marginal network was %+.2f ± %.2f nats off the order-averaged chain rule on %d draws of %d "
              "%s rows", drift["drift_nats"], drift["drift_se_nats"], drift["n"], len(rows), cfg.level_fit_split)
     metrics = {"level_fit/drift_nats": drift["drift_nats"], "level_fit/drift_se_nats": drift["drift_se_nats"]}
-    if jensen:
-        log.info("level fit: %d-order AO-ARM-E lies %+.2f ± %.2f nats above the order mean on %d %s rows",
-                 jensen["orders"], jensen["jensen_gap_nats"], jensen["jensen_gap_se_nats"], jensen["n"], cfg.level_fit_split)
-        metrics.update({"level_fit/jensen_gap_nats": jensen["jensen_gap_nats"],
-                        "level_fit/jensen_gap_se_nats": jensen["jensen_gap_se_nats"]})
     log.info("level fit: f(x) - f(empty) lowered by %+.2f nats on complete rows%s", removed,
              " (on average: each row by its own cells)" if cells else "")
     exp.logger.log(metrics, trainer.step)
-    trainer.meta["level_fit"] = {**drift, **({"jensen": jensen} if jensen else {}), **({"cells": cells} if cells else {}),
-                                 "removed_nats": removed, "split": cfg.level_fit_split}
+    trainer.meta["level_fit"] = {**drift, **({"cells": cells} if cells else {}), "removed_nats": removed,
+                                 "split": cfg.level_fit_split}
     trainer.save()
 
 
