@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from . import arm
-from .checkpoint import CheckpointError, load_model_state
+from .checkpoint import CheckpointError, check_same_data, load_checkpoint, load_model_state
 from .errors import OutputError, UserError
 from .files import atomic_write, file_digest, temp_path_for, write_text_atomic
 from .marginal import log_normalizer, normalized_log_marginal
@@ -79,6 +79,28 @@ def build_net(arch: dict, info: dict, marginal: bool, image_shape=None):
 
     shape = image_shape or data_description(info)["image_shape"]
     return build_backbone(OmegaConf.create(arch), info["K"], info["D"], image_shape=shape, marginal=marginal)
+
+
+def net_from_checkpoint(path, kinds, dataset_info: dict | None, device, image_shape=None, marginal: bool | None = None,
+                        allow_missing_marginal: bool = False, arch_overrides: dict | None = None):
+    """Rebuild the backbone from the checkpoint's own arch config and load its weights strictly.
+
+    ``dataset_info``: the data the checkpoint must have been trained on (None: take the checkpoint's own).
+
+    ``allow_missing_marginal``: a stage-1 checkpoint loaded into a net with a marginal head; only the
+    marginal head's keys may be absent. ``marginal=None`` builds the head iff the checkpoint has one.
+    ``arch_overrides`` changes arch options that only concern missing parts (the marginal head's width).
+    Returns (net, payload, missing keys); ``payload["arch"]`` is the architecture actually built.
+    """
+    payload = load_checkpoint(path, expected_kind=kinds)
+    if dataset_info is not None:
+        check_same_data(payload["dataset"], dataset_info, path)
+    marginal = payload["has_marginal"] if marginal is None else marginal
+    payload["arch"] = {**payload["arch"], **(arch_overrides or {})}
+    net = build_net(payload["arch"], payload["dataset"], marginal, image_shape=image_shape)
+    allowed = net.marginal_prefixes if allow_missing_marginal else ()
+    missing = load_model_state(net, payload["model"], path, allowed)
+    return net.to(device), payload, missing
 
 
 def arm_order(payload: dict) -> str | None:
@@ -138,8 +160,6 @@ class Model:
     def from_checkpoint(cls, path, device="cpu", kinds=CHECKPOINT_KINDS, expected_data: dict | None = None,
                         image_shape=None) -> "Model":
         """``expected_data``: a dataset description the checkpoint must match (the scripts pass their dataset's)."""
-        from .stages.common import net_from_checkpoint
-
         net, payload, _ = net_from_checkpoint(path, kinds, expected_data, torch.device(device), image_shape=image_shape)
         return cls(net, payload["dataset"], payload["kind"], payload["arch"], payload["has_marginal"], step=payload.get("step"),
                    order=arm_order(payload), config=payload.get("config"), source=str(path), device=device)

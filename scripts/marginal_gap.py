@@ -29,7 +29,7 @@ from mamlib.marginal import normalized_log_marginal
 from mamlib.checkpoint import load_checkpoint
 from mamlib.data import load_dataset
 from mamlib.runtime import default_data_dir
-from mamlib.stages.common import net_from_checkpoint
+from mamlib.api import net_from_checkpoint
 from mamlib.stages.mam_mle import regenerated_groups, sample_rows
 
 

@@ -1,4 +1,4 @@
-"""Pieces the stage runners share: data, checkpoint metadata, building nets from checkpoints, writing samples."""
+"""Pieces the stage runners share: data, checkpoint metadata, writing samples."""
 from __future__ import annotations
 
 import logging
@@ -8,8 +8,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from ..api import Model, build_net, export_model
-from ..checkpoint import check_same_data, load_checkpoint, load_model_state
+from ..api import Model, export_model
 from ..errors import ConfigError
 from ..files import save_npy_atomic, write_text_atomic
 from ..experiment import Experiment, config_dict, read_score_input, score_output_path, setup, write_score_output
@@ -30,28 +29,6 @@ def load_data(exp: Experiment):
 def checkpoint_meta(kind: str, exp: Experiment, dataset_info: dict, arch_cfg, has_marginal: bool) -> dict:
     return {"kind": kind, "dataset": dataset_info, "arch": OmegaConf.to_container(arch_cfg, resolve=True),
             "has_marginal": has_marginal, "config": config_dict(exp.cfg)}
-
-
-def net_from_checkpoint(path, kinds, dataset_info: dict | None, device, image_shape=None, marginal: bool | None = None,
-                        allow_missing_marginal: bool = False, arch_overrides: dict | None = None):
-    """Rebuild the backbone from the checkpoint's own arch config and load its weights strictly.
-
-    ``dataset_info``: the data the checkpoint must have been trained on (None: take the checkpoint's own).
-
-    ``allow_missing_marginal``: a stage-1 checkpoint loaded into a net with a marginal head; only the
-    marginal head's keys may be absent. ``marginal=None`` builds the head iff the checkpoint has one.
-    ``arch_overrides`` changes arch options that only concern missing parts (the marginal head's width).
-    Returns (net, payload, missing keys); ``payload["arch"]`` is the architecture actually built.
-    """
-    payload = load_checkpoint(path, expected_kind=kinds)
-    if dataset_info is not None:
-        check_same_data(payload["dataset"], dataset_info, path)
-    marginal = payload["has_marginal"] if marginal is None else marginal
-    payload["arch"] = {**payload["arch"], **(arch_overrides or {})}
-    net = build_net(payload["arch"], payload["dataset"], marginal, image_shape=image_shape)
-    allowed = net.marginal_prefixes if allow_missing_marginal else ()
-    missing = load_model_state(net, payload["model"], path, allowed)
-    return net.to(device), payload, missing
 
 
 def molecule_smiles(strings: list[str], string_type: str) -> list[str | None]:

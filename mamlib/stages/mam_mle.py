@@ -23,8 +23,9 @@ from ..orders import random_order
 from ..plots import save_image_grid, save_regenerated_panel, save_scatter
 from ..runtime import maybe_compile, synchronize
 from .ao_arm import first_rows
-from .common import (checkpoint_meta, export, fit_on_data, load_data, load_model, load_trained, net_from_checkpoint, run_modes,
-                     save_samples, score_file, write_moses_metrics)
+from ..api import net_from_checkpoint
+from .common import (checkpoint_meta, export, fit_on_data, load_data, load_model, load_trained, run_modes, save_samples,
+                     score_file, write_moses_metrics)
 
 log = logging.getLogger("mamlib")
 KIND = "mam"
