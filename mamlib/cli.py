@@ -75,7 +75,7 @@ FIELDS: dict[str, Field] = {
     "init_from": Field(str, null=True),
     "warm_start.objective": Field(str, null=True, choices=("KL", "squared", "mcmc_mle")),
     "warm_start.fraction": Field(float, 0, strict=True, below=1.0),
-    "model": one_of("MAM", "ARM"), "objective": one_of("KL", "squared", "mcmc_mle"), "keep_chains": Field(bool),
+    "model": one_of("MAM", "ARM"), "objective": one_of("KL", "squared", "mcmc_mle"), "keep_chains": Field(bool, null=True),
     "logp_mc": Field(bool), "alpha": at_least(0, float),
     "zlr": positive(float), "arm_order": one_of("forward", "backward"), "steps_per_epoch": at_least(1),
     "tau": positive(float), "L": at_least(1), "target_value": Field(float), "metric_name": one_of("logP", "QED", "SA"),

@@ -77,6 +77,15 @@ def config_dict(cfg: DictConfig) -> dict:
     return OmegaConf.to_container(cfg, resolve=True)
 
 
+def preset_choice(config) -> str:
+    """The preset a model was trained with: the ``preset`` its checkpoint's config stores, else the preset Hydra composed
+    this run with, else "unknown" (a run started from Python without Hydra)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_choice = HydraConfig.get().runtime.choices.get("preset") if HydraConfig.initialized() else None
+    return config.get("preset") or hydra_choice or "unknown"
+
+
 # -- the score contract ----------------------------------------------------------------------------
 
 def read_score_input(path, num_positions: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:

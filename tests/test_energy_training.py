@@ -182,7 +182,7 @@ def test_warm_start_in_one_command_is_the_two_command_recipe(tmp_path):
 def importance_on_3x3(log_joint: torch.Tensor, count: int) -> tuple[dict, torch.Tensor, torch.Tensor]:
     """generate's importance report for a model whose joint over the 512 lattices is ``log_joint`` (every order exact)."""
     model = Model(BruteForceNet(log_joint, 9, 2), {"name": "ising", "K": 2, "D": 9}, "energy", {}, has_marginal=True)
-    samples, log_q = model.sample(count, seed=0, batch_size=512, return_log_prob=True)
+    samples, log_q = model.sample_with_log_prob(count, seed=0, batch_size=512)
     samples, log_q = torch.from_numpy(samples), torch.from_numpy(log_q)
     cfg = OmegaConf.create({"target": "ising"})
     return energy.target_importance(cfg, ISING, samples, log_q), samples, log_q

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from ..api import Model, export_model
+from ..api import Model, check_export_target
 from ..errors import ConfigError
 from ..files import save_npy_atomic, write_text_atomic
 from ..experiment import Experiment, config_dict, read_score_input, score_output_path, setup, write_score_output
@@ -114,7 +114,7 @@ def score_file(exp: Experiment, model: Model, network: str) -> None:
         raise ConfigError(f"score.network={network!r} is unknown; use marginal or conditional")
     x, observed = read_score_input(cfg.score.input, model.num_positions, model.num_classes)
     score_output_path(cfg.score.output)
-    log_probs = model.log_prob(x, observed, method=SCORE_METHODS[network], orders=cfg.score.orders,
+    log_probs = model.log_prob(x.numpy(), observed.numpy(), method=SCORE_METHODS[network], orders=cfg.score.orders,
                                batch_size=cfg.eval.batch_size, steps_per_pass=cfg.eval.steps_per_pass)
     path = write_score_output(cfg.score.output, log_probs)
     log.info("wrote %d log-probabilities (%s network, %d orders for the chain rule) to %s", len(log_probs), network,
@@ -159,8 +159,10 @@ def export(exp: Experiment, kind: str) -> Path:
     if not folder:
         raise ConfigError("mode=export needs export.dir=<folder> (it receives model.safetensors, config.json, "
                           "metrics.json and README.md)")
-    path = export_model(resolve_checkpoint(exp), folder, overwrite=bool(exp.cfg.get("overwrite", False)), kinds=(kind,))
-    log.info("exported %s to %s; load it with mamlib.load(%r)", resolve_checkpoint(exp), path, str(path))
+    checkpoint, path, overwrite = resolve_checkpoint(exp), Path(folder), bool(exp.cfg.get("overwrite", False))
+    check_export_target(path, overwrite)  # refuse before loading anything
+    Model.from_checkpoint(checkpoint, device="cpu", kinds=(kind,)).save_pretrained(path, overwrite=overwrite)
+    log.info("exported %s to %s; load it with mamlib.load(%r) or Model.from_pretrained(%r)", checkpoint, path, str(path), str(path))
     return path
 
 

@@ -19,7 +19,7 @@ from .. import arm
 from ..checkpoint import CheckpointError, check_same_arch, check_same_data, load_checkpoint, load_model_state
 from ..evaluation import all_assignments, bits_per_dim, enumerated_kl, time_callable, write_report
 from ..errors import ConfigError
-from ..experiment import Experiment, batched, make_optimizer
+from ..experiment import Experiment, batched, make_optimizer, preset_choice
 from ..files import save_npy_atomic, write_json_atomic, write_text_atomic
 from ..marginal import log_marginal, log_normalizer, normalized_log_marginal, self_consistency_terms
 from ..nets import build_backbone
@@ -95,9 +95,14 @@ class MaMEnergyObjective:
             raise ValueError(f"objective={cfg.objective!r} is unknown for model=MAM; use KL, squared or mcmc_mle")
 
     def on_epoch_start(self, epoch: int) -> None:
-        # chains re-drawn by ancestral sampling with p_phi (once with keep_chains), refreshed by censor-and-resample each
-        # step; mcmc_mle keeps its Metropolis chains (re-drawing them would restart their convergence to f)
-        if (self.cfg.get("keep_chains") or self.cfg.objective == "mcmc_mle") and self.samples is not None:
+        # chains re-drawn by ancestral sampling with p_phi, or kept (keeps_chains), refreshed by censor-and-resample each
+        # step; kept squared chains start uniform, as the original's FM objective
+        kept = keeps_chains(self.cfg)
+        if kept and self.samples is not None:
+            return
+        if kept and self.cfg.objective == "squared":
+            shape = (self.cfg.train.batch_size, self.net.num_positions)
+            self.samples = torch.randint(self.net.num_classes, shape, device=self.device)
             return
         self.net.eval()
         self.samples = arm.sample_unconditional(self.net, self.cfg.train.batch_size, device=self.device)
@@ -165,6 +170,39 @@ class MaMEnergyObjective:
         self.samples_log_f = None
         with torch.no_grad():
             self.log_z.copy_(state["log_z"])
+
+
+def keeps_chains(cfg) -> bool:
+    """``keep_chains``, null = the original's choice: its squared (FM) objective keeps its chains, its KL objective re-draws
+    them every epoch; mcmc_mle always keeps its Metropolis chains (re-drawing them would restart their convergence to f)."""
+    keep = cfg.get("keep_chains")
+    return cfg.objective == "mcmc_mle" or (cfg.objective == "squared" if keep is None else bool(keep))
+
+
+PAPER_ALPHA = 4.0  # configs/eb_common.yaml's alpha, the paper's setting (preset=paper)
+
+
+def method_fields(config) -> dict:
+    """What trained a model, written into every result: ``objective``, ``warm_start`` (the first phase's objective or
+    None), ``alpha`` (None for the ARM baseline, which has no penalty), ``preset`` and a ``method`` label saying whether
+    that is the paper's. ``config``: the training run's (a checkpoint's ``config``) or this run's."""
+    preset = preset_choice(config)
+    if config.get("model") == "ARM":
+        name = "ARM-MC" if config.get("logp_mc") else "ARM"
+        return {"objective": "KL", "warm_start": None, "alpha": None, "preset": preset, "method": f"paper ({name} baseline)"}
+    objective, alpha = config.get("objective"), float(config.get("alpha"))
+    warm_start = (config.get("warm_start") or {}).get("objective")
+    warm_start = None if warm_start == objective else warm_start  # its own objective is one phase
+    name = {"squared": "squared, the original code's FM objective"}.get(objective, objective)
+    name += " with the one-step log p of logp_mc" if objective == "KL" and config.get("logp_mc") else ""
+    name = f"warm start {warm_start} -> {name}" if warm_start else name
+    if name != "KL":
+        method = f"{name} (not the paper's)"
+    elif alpha == PAPER_ALPHA:
+        method = "paper (MaM-KL)"
+    else:
+        method = f"MaM-KL at alpha={alpha:g} (the paper's objective; its alpha is {PAPER_ALPHA:g})"
+    return {"objective": objective, "warm_start": warm_start, "alpha": alpha, "preset": preset, "method": method}
 
 
 class ARMEnergyObjective:
@@ -279,12 +317,14 @@ def train_phase(exp: Experiment, target, info) -> None:
     if objective.log_z is not None and objective.log_z.requires_grad:
         groups.append({"params": [objective.log_z], "lr": cfg.zlr})
         extra = [objective.log_z]
+    meta = checkpoint_meta(KIND, exp, info, cfg.arch, has_marginal=is_mam(cfg))
+    meta["config"]["preset"] = preset_choice(cfg)  # a group choice, not a config key: kept for the results of this model
     trainer = Trainer(
         train_cfg=cfg.train, model=net, objective=objective, optimizer=make_optimizer(groups, cfg.train),
         batches=lambda epoch, start: range(start, cfg.steps_per_epoch), batches_per_epoch=cfg.steps_per_epoch,
         run_dir=exp.run_dir, device=exp.device, dist_info=exp.dist, logger=exp.logger,
-        checkpoint_meta=checkpoint_meta(KIND, exp, info, cfg.arch, has_marginal=is_mam(cfg)),
-        extra_parameters=extra, evaluate=lambda step: training_evaluation(exp, net, target, order_kind, log_z),
+        checkpoint_meta=meta, extra_parameters=extra,
+        evaluate=lambda step: training_evaluation(exp, net, target, order_kind, log_z),
         best_metric=best_metric(net, log_z))
     if cfg.get("init_from") and not (cfg.resume and trainer.checkpoint_path.exists()):  # a resumed run has its own weights
         load_initial_weights(net, cfg.init_from, info, cfg.arch, is_mam(cfg))
@@ -300,10 +340,10 @@ def load_trained(exp: Experiment, info):
 
 
 def draw_samples(exp, model, count, return_log_prob: bool = False):
-    drawn = model.sample(count, batch_size=exp.cfg.eval.batch_size, return_log_prob=return_log_prob)
     if return_log_prob:
-        return torch.from_numpy(drawn[0]), torch.from_numpy(drawn[1])
-    return torch.from_numpy(drawn)
+        samples, log_prob = model.sample_with_log_prob(count, batch_size=exp.cfg.eval.batch_size)
+        return torch.from_numpy(samples), torch.from_numpy(log_prob)
+    return torch.from_numpy(model.sample(count, batch_size=exp.cfg.eval.batch_size))
 
 
 def importance_summary(log_f: torch.Tensor, log_q: torch.Tensor, values=None) -> dict:
@@ -437,8 +477,9 @@ def evaluate(exp: Experiment, target, info) -> dict:
     log_z = target.log_partition() if hasattr(target, "log_partition") else None
     normalizer = log_normalizer(net, device) if mam_model else None  # frozen: f(empty) once, one pass per query
     marginal = lambda x, m: normalized_log_marginal(net, x, m, normalizer)
-    results: dict = {"target": info["target"], "model": "MAM" if mam_model else "ARM", "log_z_exact": log_z}
-    row = {"model": results["model"]}
+    method = method_fields(model.config)
+    results: dict = {"target": info["target"], "model": "MAM" if mam_model else "ARM", **method, "log_z_exact": log_z}
+    row = {"model": results["model"], **method}
 
     if cfg.target == "ising":  # NLL of ground-truth samples
         truth = ground_truth(exp, target)
@@ -464,7 +505,7 @@ def evaluate(exp: Experiment, target, info) -> dict:
     results["table"] = row
     exp.write_json("metrics.json", results)
     plot_samples(exp, target, samples, "evaluate")
-    exp.logger.log({f"test/{k}": v for k, v in row.items() if isinstance(v, float)}, 0)
+    exp.logger.log({f"test/{k}": v for k, v in row.items() if isinstance(v, float) and k not in method}, 0)
     log.info("results:\n%s", (exp.run_dir / "results.md").read_text())
     return results
 
@@ -503,8 +544,8 @@ def generate(exp: Experiment, target, info) -> dict:
     model = load_trained(exp, info)
     samples, log_q = draw_samples(exp, model, cfg.generate.num_samples, return_log_prob=True)
     save_npy_atomic(exp.run_dir / "samples.npy", samples.numpy())
-    report = {"unconditional": plot_samples(exp, target, samples, "samples"), "num_samples": len(samples),
-              "importance": target_importance(cfg, target, samples, log_q)}
+    report = {**method_fields(model.config), "unconditional": plot_samples(exp, target, samples, "samples"),
+              "num_samples": len(samples), "importance": target_importance(cfg, target, samples, log_q)}
     chains = metropolis_chains(exp, model)
     if chains is not None:  # what the conditionals were fitted to, beside what they generate
         report["metropolis_chains"] = {**plot_samples(exp, target, chains, "chains"), "num_chains": len(chains),
@@ -563,7 +604,7 @@ def conditional_molecules(exp: Experiment, target, model) -> dict:
     observed = torch.ones_like(template, dtype=torch.bool)
     observed[:, cfg.generate.start:cfg.generate.end] = False
     count = cfg.generate.conditional_samples
-    conditional = torch.from_numpy(model.infill(template.repeat(count, 1), observed.repeat(count, 1), batch_size=count))
+    conditional = torch.from_numpy(model.infill(template.repeat(count, 1).numpy(), observed.repeat(count, 1).numpy(), batch_size=count))
     return {"conditional": {"template": string, "masked": [cfg.generate.start, cfg.generate.end],
                             **plot_samples(exp, target, conditional, "conditional")}}
 
@@ -650,9 +691,10 @@ def grad_variance(exp: Experiment, target, info) -> dict:
         for estimator in estimators:
             torch.manual_seed(cfg.seed)
             make = lambda: reinforce_backward(net, target, estimator, batch_size, model.order, cfg.eval.steps_per_pass)
-            rows.append({"estimator": estimator, "checkpoint": source, "step": model.step, "batch": batch_size,
+            rows.append({"estimator": estimator, "checkpoint": source, "method": method_fields(model.config)["method"],
+                         "step": model.step, "batch": batch_size,
                          **gradient_statistics(net, make, settings.num_batches, f"{estimator} gradients")})
-    columns = ["estimator", "checkpoint", "step", "batch", "minibatches", "gradient variance", "squared mean norm",
+    columns = ["estimator", "checkpoint", "method", "step", "batch", "minibatches", "gradient variance", "squared mean norm",
                "variance / squared mean"]
     write_report(rows, columns, exp.run_dir, stem="grad_variance")
     from ..plots import save_bars

@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from ..calibration import (CalibrationSet, consistency_drift, fit_cells, flat_gap_metrics, gap_summary, group_error_summary,
                            shift_level)
 from ..evaluation import aggregate_correlations, bits_per_dim, correlation_summary, time_callable, write_report
-from ..experiment import Experiment, batched, make_optimizer
+from ..experiment import Experiment, batched, make_optimizer, preset_choice
 from ..files import atomic_write, save_npz_atomic, write_text_atomic
 from ..marginal import log_normalizer, normalized_log_marginal, self_consistency_loss
 from ..orders import random_order
@@ -24,7 +24,7 @@ from ..plots import save_image_grid, save_regenerated_panel, save_scatter
 from ..runtime import maybe_compile, synchronize
 from .ao_arm import first_rows
 from ..api import net_from_checkpoint
-from .common import (checkpoint_meta, export, fit_on_data, load_data, load_model, load_trained, run_modes, save_samples,
+from .common import (checkpoint_meta, export, fit_on_data, load_data, load_model, run_modes, save_samples,
                      score_file, write_moses_metrics)
 
 log = logging.getLogger("mamlib")
@@ -269,10 +269,27 @@ def save_figure4(exp: Experiment, dataset, groups: list[dict], scored: dict, cou
             write_text_atomic(folder / f"example_{index}.txt", "\n".join(lines) + "\n")
 
 
+PAPER_SETTINGS = {"marginal_head": "pooled", "marginal_init": "scratch", "level_fit_rows": 0, "step_surprise_share": 0.0,
+                  "include_onpolicy": True}  # mam_common.yaml's defaults (preset=paper)
+LEVEL_FIT_KEYS = ("level_fit_split", "level_fit_cells", "level_fit_size_buckets")
+
+
+def method_fields(config) -> dict:
+    """The settings that make a stage-2 model's method, from its training config, with ``preset`` and a ``method`` label
+    naming where they leave the paper's."""
+    config = OmegaConf.create(config)
+    fields = {key: OmegaConf.select(config, "arch.marginal_head" if key == "marginal_head" else key)
+              for key in [*PAPER_SETTINGS, *LEVEL_FIT_KEYS]}
+    changed = [f"{key}={fields[key]}" for key, value in PAPER_SETTINGS.items() if fields[key] != value]
+    method = f"MaM with {', '.join(changed)} (not the paper's)" if changed else "paper (MaM)"
+    return {**fields, "preset": preset_choice(config), "method": method}
+
+
 @torch.no_grad()
 def evaluate(exp: Experiment, dataset) -> dict:
     cfg = exp.cfg
-    net = load_trained(exp, dataset, KIND)
+    model = load_model(exp, dataset.describe(), KIND, getattr(dataset, "image_shape", None))
+    net, method = model.net, method_fields(model.config)
     D, device, batch_size = dataset.num_positions, exp.device, cfg.eval.batch_size
 
     def ensemble_and_single(rows, mask=None):
@@ -346,7 +363,7 @@ def evaluate(exp: Experiment, dataset) -> dict:
         calibration_rows.append({"set": "test rows vs order mean, reference-free (drift)", "gap (nats)": drift["drift_nats"],
                                  "gap std error": drift["drift_se_nats"], "|gap| (nats)": None, "n": drift["n"]})
     mam_quality = main_groups["correlations"]["MaM"]
-    results = {"dataset": dataset.name, "num_test_examples": len(rows), "num_groups": len(main_groups["reference"]),
+    results = {"dataset": dataset.name, **method, "num_test_examples": len(rows), "num_groups": len(main_groups["reference"]),
                "orders": cfg.eval.mc_ll, "threshold": cfg.eval.threshold, "table": table,
                "marginal_gap_nats": calibration["full test"]["gap_nats"],
                "marginal_abs_gap_nats": calibration["full test"]["abs_gap_nats"], "calibration": calibration,
@@ -359,6 +376,7 @@ def evaluate(exp: Experiment, dataset) -> dict:
                "speedup_vs_AO-ARM-E": timings["AO-ARM-E"]["median"] / timings["MaM"]["median"], "timing_batch": len(timing_batch)}
     columns = list(table[0].keys())
     write_report(table, columns, exp.run_dir, stem="results", extra_tables={
+        "Method (from the checkpoint's training config)": ([method], list(method)),
         "Calibration: marginal network f(x_S) - f(empty) minus AO-ARM-E log p(x_S)": (calibration_rows, ["set", "gap (nats)", "gap std error", "|gap| (nats)", "n"])})
     exp.write_json("metrics.json", results)
     pooled = main_groups["pooled"]
@@ -405,7 +423,7 @@ def generate(exp: Experiment, dataset) -> dict:
     batch = min(count, cfg.generate.batch_size)   # molecules: 30,000 samples by default, far more than one batch
     unconditional = model.sample(count, temperature=temperature, batch_size=batch)
     x, observed, description = conditional_template(exp, dataset)
-    conditional = model.infill(x.repeat(count, 1), observed.repeat(count, 1), temperature=temperature, batch_size=batch)
+    conditional = model.infill(x.repeat(count, 1).numpy(), observed.repeat(count, 1).numpy(), temperature=temperature, batch_size=batch)
     report = {}
     for name, samples in (("unconditional", unconditional), ("conditional", conditional)):
         log_marginal = model.log_prob(samples, method="marginal", batch_size=batch)
