@@ -437,21 +437,6 @@ class Model(torch.nn.Module, ModelHubMixin, library_name="mamlib", tags=["margin
             self._normalizer = (key, log_normalizer(self.net, self.device))
         return self._normalizer[1]
 
-    def _chain_terms(self, x, mask, given, order, steps_per_pass: int) -> torch.Tensor:
-        """float64 (B,) sum of the chain-rule terms of the positions in mask but not in given, along ``order`` rearranged
-        so that given comes first (then the rest of mask, then the unobserved positions); no pass for given's steps."""
-        counts = mask.sum(1)
-        first = torch.zeros_like(counts) if given is None else given.sum(1)
-        if given is not None:
-            order = (order + (~given).long() * self.num_positions).argsort(1).argsort(1)
-        total = torch.zeros(len(x), dtype=torch.float64, device=x.device)
-        start, end = (int(first.min()), int(counts.max())) if len(x) else (0, 0)
-        for step in range(start, end, steps_per_pass):
-            steps = torch.arange(step, min(step + steps_per_pass, end), device=x.device)
-            valid = (steps.unsqueeze(1) < counts.unsqueeze(0)) & (steps.unsqueeze(1) >= first.unsqueeze(0))
-            total = total + (arm._steps_log_prob(self.net, x, order, steps) * valid).sum(0)
-        return total
-
     def log_prob_function(self, method: str, orders: int = 1, steps_per_pass: int = 1, generator=None):
         """``function(x, observed_mask, given=None)`` on the model's device -> float64 (B,) log p(x_A | x_given)."""
         if method not in METHODS:
@@ -471,11 +456,11 @@ class Model(torch.nn.Module, ModelHubMixin, library_name="mamlib", tags=["margin
             return marginal
 
         def chain(x, mask, given=None):
+            terms = lambda order: arm.chain_rule_log_prob(self.net, x, mask, order, steps_per_pass, given_mask=given)
             if self.order is not None:  # one fixed order: orders > 1 would repeat the same value
-                return self._chain_terms(x, mask, given, self.ranks(len(x)), steps_per_pass)
-            per_order = [self._chain_terms(x, mask, given, order_observed_first(mask, generator=generator), steps_per_pass)
-                         for _ in range(orders)]
-            return arm.combine_orders(torch.stack(per_order))
+                return terms(self.ranks(len(x)))
+            return arm.combine_orders(torch.stack([terms(order_observed_first(mask, generator=generator))
+                                                   for _ in range(orders)]))
 
         return chain
 

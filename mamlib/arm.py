@@ -10,7 +10,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .orders import index_at, observed_before, order_observed_first, random_last_steps, random_order
+from .orders import given_first, index_at, observed_before, order_observed_first, random_last_steps, random_order
 from .runtime import autocast
 
 
@@ -72,21 +72,24 @@ def _steps_log_prob(net, x, order, steps: torch.Tensor) -> torch.Tensor:
     return picked.double().view(chunk, batch)
 
 
-def _chain_rule_step_terms(net, x, observed_mask, order, steps_per_pass: int):
+def _chain_rule_step_terms(net, x, observed_mask, order, steps_per_pass: int, skip: torch.Tensor | None = None):
     """Yields, per network pass, (steps, (chunk, B) float64 chain-rule terms, 0 past a row's |S|) with autograd when
-    enabled."""
+    enabled. ``skip``: (B,) leading steps of each row that are not computed (0 there): the conditioning positions."""
     batch = x.shape[0]
     counts = observed_mask.sum(1)
+    first = int(skip.min().item()) if skip is not None and batch else 0
     num_steps = int(counts.max().item()) if batch else 0
-    for start in range(0, num_steps, steps_per_pass):
+    for start in range(first, num_steps, steps_per_pass):
         steps = torch.arange(start, min(start + steps_per_pass, num_steps), device=x.device)
         valid = steps.unsqueeze(1) < counts.unsqueeze(0)  # (chunk, B)
+        if skip is not None:
+            valid = valid & (steps.unsqueeze(1) >= skip.unsqueeze(0))
         yield steps, _steps_log_prob(net, x, order, steps) * valid
 
 
-def _chain_rule_passes(net, x, observed_mask, order, steps_per_pass: int):
+def _chain_rule_passes(net, x, observed_mask, order, steps_per_pass: int, skip: torch.Tensor | None = None):
     """Yields, per network pass, the (B,) float64 sum of that pass's chain-rule terms (with autograd when enabled)."""
-    for _, terms in _chain_rule_step_terms(net, x, observed_mask, order, steps_per_pass):
+    for _, terms in _chain_rule_step_terms(net, x, observed_mask, order, steps_per_pass, skip):
         yield terms.sum(0)
 
 
@@ -96,17 +99,23 @@ def _observed_and_order(x, observed_mask, order):
     return observed_mask, order_observed_first(observed_mask) if order is None else order
 
 
-def chain_rule_log_prob(net, x, observed_mask=None, order=None, steps_per_pass: int = 1) -> torch.Tensor:
+def chain_rule_log_prob(net, x, observed_mask=None, order=None, steps_per_pass: int = 1,
+                        given_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Exact log p(x_S) along one order: sum over the observed positions of their conditionals.
 
     ``observed_mask`` (default: all) selects the positions whose joint probability is computed; the order
     visits them first (a random order among them unless ``order`` is given, which must already put them first).
     ``steps_per_pass`` chain steps are evaluated in one network pass (batch grows by that factor).
+    ``given_mask`` (a subset of the observed positions B): log p(x_{S minus B} | x_B) instead, along the order
+    rearranged to visit B first; B's own steps are not computed.
     Returns float64 (B,) natural-log probabilities.
     """
     observed_mask, order = _observed_and_order(x, observed_mask, order)
+    skip = None
+    if given_mask is not None:
+        order, skip = given_first(order, given_mask), given_mask.sum(1)
     total = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-    for terms in _chain_rule_passes(net, x, observed_mask, order, steps_per_pass):
+    for terms in _chain_rule_passes(net, x, observed_mask, order, steps_per_pass, skip):
         total = total + terms
     return total
 

@@ -81,6 +81,11 @@ def order_observed_first(observed_mask: torch.Tensor, generator: torch.Generator
     return key.argsort(dim=1).argsort(dim=1)
 
 
+def given_first(order: torch.Tensor, given_mask: torch.Tensor) -> torch.Tensor:
+    """``order`` rearranged so that the ``given_mask`` positions come first; the relative order is otherwise kept."""
+    return (order + (~given_mask).long() * order.shape[1]).argsort(dim=1).argsort(dim=1)
+
+
 def observed_before(rank: torch.Tensor, step) -> torch.Tensor:
     """Mask of positions generated strictly before ``step`` (int or (B,) tensor)."""
     if torch.is_tensor(step) and step.dim() == 1:

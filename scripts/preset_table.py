@@ -23,10 +23,9 @@ SKIPPED_GROUPS = ("train", "eval", "generate", "logger", "hydra", "dataset", "sc
 
 
 def composed(config_name: str, preset: str) -> dict:
-    from hydra import compose, initialize_config_dir
+    from mamlib.cli import compose_config
 
-    with initialize_config_dir(config_dir=str(ROOT / "configs"), version_base="1.3"):
-        return OmegaConf.to_container(compose(config_name, overrides=[f"preset={preset}"]), resolve=False)
+    return OmegaConf.to_container(compose_config(config_name, [f"preset={preset}"]), resolve=False)
 
 
 def flat(node, prefix=""):

@@ -25,11 +25,9 @@ def overrides(dataset, preset, *extra) -> list[str]:
 
 
 def compose(script: str, dataset=None, preset: str = "paper", *extra: str) -> dict:
-    from hydra import compose as hydra_compose, initialize_config_dir
+    from mamlib.cli import compose_config
 
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = hydra_compose(script, overrides=overrides(dataset, preset, *extra))
-    return OmegaConf.to_container(cfg, resolve=False)
+    return OmegaConf.to_container(compose_config(script, overrides(dataset, preset, *extra)), resolve=False)
 
 
 def leaf_keys(node, prefix: str = ""):
